@@ -1,0 +1,329 @@
+"""`llmfleet`: one CLI for the broker, the gateway, workers, and an all-in-one dev stack.
+
+Every flag can also come from an environment variable `LLMFLEET_<FLAG>` (dashes become
+underscores, e.g. `LLMFLEET_NATS_URL`); a flag given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from common import __version__
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+def env_name(flag: str) -> str:
+    return "LLMFLEET_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def env_default(
+    flag: str, default: Any, conv: Callable[[str], Any] = str, env: str | None = None
+) -> Any:
+    name = env or env_name(flag)
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return conv(raw)
+    except ValueError:
+        raise SystemExit(f"llmfleet: invalid value for {name}: {raw!r}") from None
+
+
+def add(
+    p: Any,
+    flag: str,
+    default: Any,
+    help: str,
+    conv: Callable[[str], Any] = str,
+    env: str | None = None,
+    **kw: Any,
+) -> None:
+    env = env or env_name(flag)
+    p.add_argument(
+        flag,
+        default=env_default(flag, default, conv, env),
+        type=conv,
+        help=f"{help} [env {env}; default {default!r}]",
+        **kw,
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_async(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where available."""
+    try:
+        import uvloop  # noqa: PLC0415
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - Windows
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
+
+
+# ---- parsers -------------------------------------------------------------------------
+
+
+def _nats_args(p: argparse.ArgumentParser) -> None:
+    add(p, "--port", 4222, "client port", int)
+    add(p, "--host", "127.0.0.1", "listen address")
+    add(p, "--store", "", "JetStream store directory (default: a temporary one)")
+    add(p, "--http-port", 0, "monitoring port (0: off)", int)
+
+
+def _gateway_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
+    if with_nats:
+        add(
+            p,
+            "--nats",
+            DEFAULT_NATS_URL,
+            "NATS server URL(s), comma separated",
+            env="LLMFLEET_NATS_URL",
+            dest="nats_url",
+        )
+    add(p, "--host", "127.0.0.1", "HTTP listen address")
+    add(p, "--port", 8080, "HTTP port", int)
+    add(p, "--api-key", "", "require this bearer token from clients (empty: no auth)")
+    add(p, "--queue-timeout", 60.0, "seconds a request may wait for a free worker", float)
+    add(p, "--idle-timeout", 300.0, "seconds without a reply message before giving up", float)
+    add(p, "--request-timeout", 600.0, "default and maximum total seconds per request", float)
+    add(p, "--max-body-bytes", 4 * 1024 * 1024, "largest accepted request body", int)
+    add(p, "--max-tokens-limit", 32768, "largest max_tokens accepted", int)
+    add(p, "--max-n", 16, "largest n accepted", int)
+    add(p, "--max-queue", 10000, "requests that may wait per model (more: 429)", int)
+
+
+def _worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
+    if with_nats:
+        add(
+            p,
+            "--nats",
+            DEFAULT_NATS_URL,
+            "NATS server URL(s), comma separated",
+            env="LLMFLEET_NATS_URL",
+            dest="nats_url",
+        )
+    add(p, "--engine", "sim", "inference engine: sim | openai", choices=["sim", "openai"])
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model name to serve (repeat for several) [env LLMFLEET_MODEL, comma separated]",
+    )
+    add(p, "--max-concurrency", 8, "requests run at once per model", int)
+    add(p, "--worker-id", "", "worker id (default: host-pid-random)")
+    add(p, "--heartbeat", 1.0, "seconds between catalog announcements", float)
+    add(p, "--drain-grace", 30.0, "seconds in-flight requests get on SIGTERM", float)
+    g = p.add_argument_group("sim engine")
+    add(g, "--sim-ttft-ms", 20.0, "simulated time to first token", float)
+    add(g, "--sim-itl-ms", 5.0, "simulated inter-token latency", float)
+    add(g, "--sim-tokens", 32, "output tokens when the request sets no limit", int)
+    o = p.add_argument_group("openai engine (vLLM, llama.cpp server, SGLang, Ollama, TGI)")
+    add(o, "--upstream", "http://127.0.0.1:8000/v1", "upstream base URL")
+    add(o, "--upstream-api-key", "", "API key for the upstream (stays on the worker)")
+    add(o, "--upstream-model", "", "model name upstream (default: the served name)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="llmfleet",
+        description="A NATS-driven LLM worker fleet behind an OpenAI-compatible gateway.",
+    )
+    top.add_argument("--version", action="version", version=f"llmfleet {__version__}")
+    add(top, "--log-level", "info", "debug | info | warning | error")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _nats_args(sub.add_parser("nats", help="run the embedded nats-server with JetStream"))
+    _gateway_args(sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway"))
+    _worker_args(sub.add_parser("worker", help="run a worker serving one or more models"))
+    dev = sub.add_parser("dev", help="nats-server + gateway + one worker, in the foreground")
+    _worker_args(dev, with_nats=False)
+    add(dev, "--host", "127.0.0.1", "HTTP listen address")
+    add(dev, "--port", 8080, "HTTP port", int)
+    add(dev, "--nats-port", 4222, "NATS port (a free one if taken)", int)
+    return top
+
+
+# ---- commands ------------------------------------------------------------------------
+
+
+def _models(args: argparse.Namespace) -> list[str]:
+    if args.model:
+        return list(args.model)
+    from_env = env_default("--model", "")
+    if from_env:
+        return [m.strip() for m in from_env.split(",") if m.strip()]
+    return ["sim-model"] if args.engine == "sim" else []
+
+
+def build_worker(args: argparse.Namespace, nats_url: str) -> Any:
+    from worker.engines import build_engine  # noqa: PLC0415
+    from worker.service import ServedModel, Worker, WorkerSettings  # noqa: PLC0415
+
+    models = _models(args)
+    if not models:
+        raise SystemExit("llmfleet worker: give --model NAME (or LLMFLEET_MODEL)")
+    served = [
+        ServedModel(model_id=m, engine=build_engine(args, m), max_concurrency=args.max_concurrency)
+        for m in models
+    ]
+    settings = WorkerSettings(
+        nats_url=nats_url,
+        worker_id=args.worker_id,
+        heartbeat_s=args.heartbeat,
+        drain_grace_s=args.drain_grace,
+    )
+    return Worker(settings, served)
+
+
+def build_gateway(args: argparse.Namespace, nats_url: str) -> Any:
+    from common.queue import QueueSettings  # noqa: PLC0415
+    from gateway.dispatch import DispatchSettings  # noqa: PLC0415
+    from gateway.server import Gateway, GatewaySettings  # noqa: PLC0415
+    from gateway.validate import Limits  # noqa: PLC0415
+
+    return Gateway(
+        GatewaySettings(
+            nats_url=nats_url,
+            host=args.host,
+            port=args.port,
+            api_key=getattr(args, "api_key", "") or None,
+            limits=Limits(
+                max_body_bytes=getattr(args, "max_body_bytes", 4 * 1024 * 1024),
+                max_tokens=getattr(args, "max_tokens_limit", 32768),
+                max_n=getattr(args, "max_n", 16),
+            ),
+            dispatch=DispatchSettings(
+                queue_timeout_s=getattr(args, "queue_timeout", 60.0),
+                idle_timeout_s=getattr(args, "idle_timeout", 300.0),
+                request_timeout_s=getattr(args, "request_timeout", 600.0),
+            ),
+            queue=QueueSettings(max_per_model=getattr(args, "max_queue", 10000)),
+        )
+    )
+
+
+def cmd_nats(args: argparse.Namespace) -> None:
+    from common.embedded import EmbeddedNats  # noqa: PLC0415
+
+    server = EmbeddedNats(
+        host=args.host,
+        port=args.port,
+        store_dir=args.store or None,
+        http_port=args.http_port or None,
+        quiet=False,
+    )
+    server.start()
+    print(f"nats-server listening on {server.url}", file=sys.stderr, flush=True)
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        while not stop["now"] and server.proc is not None and server.proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        server.stop()
+
+
+async def _run_with_signals(
+    start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], None]
+) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    await start()
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    gw = build_gateway(args, args.nats_url)
+    run_async(_run_with_signals(gw.run, gw.request_stop))
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    w = build_worker(args, args.nats_url)
+    run_async(_run_with_signals(w.run, w.request_drain))
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from common.embedded import EmbeddedNats, free_port  # noqa: PLC0415
+
+    port = args.nats_port
+    try:
+        server = EmbeddedNats(port=port).start()
+    except (RuntimeError, TimeoutError):
+        port = free_port()
+        server = EmbeddedNats(port=port).start()
+    try:
+        gw = build_gateway(args, server.url)
+        worker = build_worker(args, server.url)
+        run_async(_dev(gw, worker, args))
+    finally:
+        server.stop()
+
+
+async def _dev(gw: Any, worker: Any, args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        gw.request_stop()
+        worker.request_drain()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    async with asyncio.TaskGroup() as tg:
+        w_ready: asyncio.Future[None] = loop.create_future()
+        g_ready: asyncio.Future[None] = loop.create_future()
+        tg.create_task(worker.run(w_ready))
+        await w_ready
+        tg.create_task(gw.run(g_ready))
+        await g_ready
+        model = worker.models[0].model_id
+        base = f"http://{args.host}:{gw.port}/v1"
+        print(
+            f"\nllmfleet dev is serving {', '.join(m.model_id for m in worker.models)} "
+            f"({args.engine} engine)\n"
+            f"  base URL: {base}\n"
+            f"  try:      curl {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f'              -d \'{{"model": "{model}", "messages": '
+            f'[{{"role": "user", "content": "Hello"}}], "stream": true}}\'\n'
+            f"  Ctrl-C stops everything.\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "nats": cmd_nats,
+    "gateway": cmd_gateway,
+    "worker": cmd_worker,
+    "dev": cmd_dev,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

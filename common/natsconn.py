@@ -1,0 +1,112 @@
+"""Connecting to NATS with the project's settings, and the nats-py pitfalls worked around.
+
+This module is the seam where nats errors enter llmfleet; callers see `FleetError`s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+PING_INTERVAL_S = 5
+"""Client ping interval: a dead server is noticed within ~2 pings instead of minutes."""
+MAX_OUTSTANDING_PINGS = 2
+
+
+class _RateLimitedLog:
+    """Slow-consumer errors arrive once per dropped message: log at most once a second."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._last = 0.0
+        self._suppressed = 0
+
+    def __call__(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            self._suppressed += 1
+            return
+        log.warning(
+            "nats error (%s): %s (%d similar suppressed)",
+            self._name,
+            type(exc).__name__,
+            self._suppressed,
+        )
+        self._last = now
+        self._suppressed = 0
+
+
+async def connect(
+    servers: str | list[str],
+    *,
+    name: str,
+    inbox_prefix: str = "_INBOX",
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    connect_timeout: float = 5.0,
+) -> NATS:
+    """Connect with lowered pings, endless reconnects and rate-limited error logging."""
+    err_log = _RateLimitedLog(name)
+
+    async def error_cb(exc: Exception) -> None:
+        err_log(exc)
+
+    async def reconnected_cb() -> None:
+        log.info("nats reconnected (%s)", name)
+        if on_reconnect is not None:
+            await on_reconnect()
+
+    async def disconnected_cb() -> None:
+        log.warning("nats disconnected (%s)", name)
+        if on_disconnect is not None:
+            await on_disconnect()
+
+    urls = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else servers
+    kwargs: dict[str, Any] = {
+        "servers": urls,
+        "name": name,
+        "inbox_prefix": inbox_prefix,
+        "ping_interval": PING_INTERVAL_S,
+        "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": connect_timeout,
+        "error_cb": error_cb,
+        "reconnected_cb": reconnected_cb,
+        "disconnected_cb": disconnected_cb,
+        "pending_size": 64 * 1024 * 1024,
+    }
+    nc: NATS = await nats.connect(**kwargs)
+    return nc
+
+
+async def flush(nc: NATS, wait_s: int = 5) -> None:
+    """A flush that really flushes: nats-py's PING can overtake buffered SUB/PUB commands."""
+    await nc._flush_pending(force_flush=True)
+    await nc.flush(timeout=wait_s)
+
+
+def jetstream(nc: NATS, timeout: float = 5.0) -> JetStreamContext:
+    return nc.jetstream(timeout=timeout)
+
+
+def header_bytes(headers: dict[str, str]) -> int:
+    """Bytes the NATS/1.0 header block takes on the wire (server counts it in max_payload)."""
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
+
+
+async def close(nc: NATS) -> None:
+    """Drain if possible (delivers what is buffered), else just close; never raises."""
+    try:
+        await nc.drain()
+    except (nats.errors.Error, TimeoutError, OSError):
+        await nc.close()

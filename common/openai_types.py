@@ -1,0 +1,148 @@
+"""Typed OpenAI request bodies, decoded once at each process boundary.
+
+Unknown fields are ignored (forward compatible, as vLLM and most peers do); known fields
+are type-checked and range-checked here. Limits that are deployment policy (max tokens,
+max batch size) are checked by `gateway.validate`, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+Role = Literal["system", "user", "assistant", "tool", "developer", "function"]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+ChoiceCount = Annotated[int, Meta(ge=1, le=128)]
+
+
+class StreamOptions(msgspec.Struct, omit_defaults=True):
+    include_usage: bool = False
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message's text: a string, or the text parts of a content list."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(
+            p.get("text", "") for p in self.content if isinstance(p.get("text", ""), str)
+        )
+
+
+class ChatRequest(msgspec.Struct, omit_defaults=True):
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    n: ChoiceCount = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    user: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(msgspec.Struct, omit_defaults=True):
+    model: str
+    prompt: str | list[str | int | list[int]]
+    max_tokens: Annotated[int, Meta(ge=0)] | None = 16
+    n: ChoiceCount = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    best_of: PositiveInt | None = None
+    user: str | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class EmbeddingRequest(msgspec.Struct, omit_defaults=True):
+    model: str
+    input: str | list[str | int | list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+
+class ModelOnly(msgspec.Struct):
+    """Just enough of any body to route it (used by workers for unknown ops)."""
+
+    model: str
+
+
+def prompt_texts(prompt: str | list[str | int | list[int]]) -> list[str] | list[list[int]]:
+    """Normalise a completion prompt / embedding input to a batch of strings or token lists.
+
+    Raises ValueError when the list mixes kinds (OpenAI accepts a string, a list of strings,
+    a list of token ids, or a list of token-id lists).
+    """
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ValueError("must not be empty")
+    if all(isinstance(p, str) for p in prompt):
+        return [p for p in prompt if isinstance(p, str)]
+    if all(isinstance(p, int) for p in prompt):
+        return [[p for p in prompt if isinstance(p, int)]]
+    if all(isinstance(p, list) for p in prompt):
+        return [p for p in prompt if isinstance(p, list)]
+    raise ValueError("must be a string, a list of strings, or token ids, not a mix")
+
+
+def validation_param(exc: msgspec.ValidationError) -> str | None:
+    """The parameter a msgspec validation error points at (`... - at `$.max_tokens``)."""
+    text = str(exc)
+    marker = "at `$."
+    i = text.rfind(marker)
+    if i < 0:
+        return None
+    path = text[i + len(marker) :].rstrip("`")
+    return path or None
+
+
+def decode_error_message(exc: msgspec.DecodeError) -> tuple[str, str | None]:
+    """A client-facing message and the offending parameter, from a msgspec error."""
+    if isinstance(exc, msgspec.ValidationError):
+        param = validation_param(exc)
+        msg = str(exc).split(" - at `")[0]
+        return (f"Invalid value for '{param}': {msg}" if param else msg), param
+    return f"Request body is not valid JSON: {exc}", None
+
+
+CHAT_DECODER = msgspec.json.Decoder(ChatRequest)
+COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
+EMBEDDING_DECODER = msgspec.json.Decoder(EmbeddingRequest)

@@ -1,0 +1,168 @@
+"""The llmfleet wire protocol, version 1 (documented for any-language users in docs/protocol.md).
+
+Request: one JetStream message on `llmfleet.req.<escaped model>`; the payload is the OpenAI
+request body exactly as it would be POSTed, and these headers describe it:
+
+    Llmfleet-Version     "1"
+    Llmfleet-Op          chat | completion | embedding
+    Llmfleet-Request-Id  unique id (also sent as Nats-Msg-Id, so a re-publish is deduplicated)
+    Llmfleet-Reply       subject the reply stream goes to (the requester's inbox)
+    Llmfleet-Start-By    unix ms; a worker that picks the request up later drops it (optional)
+    Llmfleet-Deadline    unix ms; generation is cut off at this time (optional)
+    traceparent          W3C trace context (optional)
+
+Reply stream: JSON messages on the reply subject, each tagged by `type` and numbered by `seq`
+(0, 1, 2, ... per request): one `accepted`, then `delta` or `embedding` messages, then
+exactly one terminal `done` or `error`. An `error` may also come first (before `accepted`)
+when a worker rejects a message it cannot read.
+
+Schema evolution: only by adding fields with defaults; decoders ignore unknown fields.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from common.errors import ErrorBody
+
+PROTOCOL_VERSION = "1"
+
+H_VERSION = "Llmfleet-Version"
+H_OP = "Llmfleet-Op"
+H_REQUEST_ID = "Llmfleet-Request-Id"
+H_REPLY = "Llmfleet-Reply"
+H_START_BY = "Llmfleet-Start-By"
+H_DEADLINE = "Llmfleet-Deadline"
+H_TRACEPARENT = "traceparent"
+H_MSG_ID = "Nats-Msg-Id"
+
+OPS = ("chat", "completion", "embedding")
+
+
+class Usage(msgspec.Struct, omit_defaults=False):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChoiceDelta(msgspec.Struct, omit_defaults=True):
+    """New output for one choice. `content` is the text (chat content or completion text)."""
+
+    index: int = 0
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class Accepted(msgspec.Struct, tag="accepted", tag_field="type", omit_defaults=True):
+    worker: str
+    model: str
+    seq: int = 0
+    request_id: str = ""
+    queued_ms: float | None = None
+
+
+class Delta(msgspec.Struct, tag="delta", tag_field="type", omit_defaults=True):
+    seq: int
+    choices: list[ChoiceDelta]
+
+
+class Embedding(msgspec.Struct, tag="embedding", tag_field="type", omit_defaults=True):
+    seq: int
+    index: int
+    embedding: list[float] | str
+
+
+class Done(msgspec.Struct, tag="done", tag_field="type", omit_defaults=True):
+    seq: int
+    usage: Usage
+
+
+class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
+    seq: int
+    status: int
+    error: ErrorBody
+
+
+Reply = Accepted | Delta | Embedding | Done | Error
+TERMINAL = (Done, Error)
+
+_reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Decode one reply-stream message; raises msgspec.DecodeError/ValidationError."""
+    return _reply_decoder.decode(data)
+
+
+# ---- control and catalog messages ----------------------------------------------------------
+
+
+class Cancel(msgspec.Struct, tag="cancel", tag_field="type"):
+    """Sent to `llmfleet.ctl.<worker>`: stop generating `request_id` and free its slot."""
+
+    request_id: str
+
+
+class DrainCommand(msgspec.Struct, tag="drain", tag_field="type"):
+    """Sent to `llmfleet.ctl.<worker>`: stop taking work, finish what runs, exit."""
+
+
+Control = Cancel | DrainCommand
+_control_decoder: msgspec.json.Decoder[Control] = msgspec.json.Decoder(Control)
+
+
+def decode_control(data: bytes) -> Control:
+    return _control_decoder.decode(data)
+
+
+class ModelStatus(msgspec.Struct, omit_defaults=True):
+    id: str
+    engine: str
+    max_concurrency: int
+    in_flight: int = 0
+    owned_by: str = "llmfleet"
+    created: int = 0
+    simulated: bool = False
+    description: str = ""
+
+
+class WorkerAnnounce(msgspec.Struct, omit_defaults=True):
+    """Published on `llmfleet.hb.<worker>` every heartbeat interval and on `discover`.
+
+    `ttl_s` says how long the announcement stays valid; `state` "stopped" removes the worker
+    at once. Counters are totals since the worker started.
+    """
+
+    worker: str
+    host: str
+    version: str
+    state: str
+    ttl_s: float
+    started_at: float
+    models: list[ModelStatus]
+    completed: int = 0
+    failed: int = 0
+    tokens_out: int = 0
+    peak_in_flight: int = 0
+
+
+_announce_decoder = msgspec.json.Decoder(WorkerAnnounce)
+
+
+def decode_announce(data: bytes) -> WorkerAnnounce:
+    return _announce_decoder.decode(data)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

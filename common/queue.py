@@ -1,0 +1,94 @@
+"""The JetStream work queue: one stream for all requests, one shared pull consumer per model.
+
+Memory storage (interactive traffic: a restart of the broker drops queued requests, whose
+clients time out anyway), work-queue retention (a message is gone once a worker acks it),
+a per-model bound with discard-new (a flood makes publishes fail fast -> HTTP 429), and a
+duplicate window so a re-published request id is not queued twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from common import names
+
+log = logging.getLogger(__name__)
+
+
+class QueueSettings(msgspec.Struct, frozen=True):
+    max_per_model: int = 10_000
+    max_bytes: int = 512 * 1024 * 1024
+    max_age_s: float = 3600.0
+    duplicate_window_s: float = 120.0
+    ack_wait_s: float = 30.0
+    storage: str = "memory"
+
+
+def stream_config(settings: QueueSettings) -> StreamConfig:
+    return StreamConfig(
+        name=names.REQUEST_STREAM,
+        subjects=[names.REQUEST_SUBJECTS],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.MEMORY if settings.storage == "memory" else StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        max_msgs_per_subject=settings.max_per_model,
+        max_bytes=settings.max_bytes,
+        max_age=settings.max_age_s,
+        duplicate_window=settings.duplicate_window_s,
+        num_replicas=1,
+    )
+
+
+async def ensure_stream(js: JetStreamContext, settings: QueueSettings) -> None:
+    """Create the request stream unless it exists (an existing one is left as configured)."""
+    try:
+        await js.stream_info(names.REQUEST_STREAM)
+    except NotFoundError:
+        await js.add_stream(stream_config(settings))
+        log.info("created stream %s", names.REQUEST_STREAM)
+
+
+def consumer_config(model_id: str, settings: QueueSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=names.consumer_name(model_id),
+        filter_subject=names.request_subject(model_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait_s,
+        max_waiting=4096,
+        max_ack_pending=-1,
+        description=f"llmfleet requests for {model_id}",
+    )
+
+
+async def ensure_consumer(js: JetStreamContext, model_id: str, settings: QueueSettings) -> None:
+    """Create the model's shared durable pull consumer unless it exists."""
+    name = names.consumer_name(model_id)
+    try:
+        await js.consumer_info(names.REQUEST_STREAM, name)
+    except NotFoundError:
+        await js.add_consumer(names.REQUEST_STREAM, consumer_config(model_id, settings))
+        log.info("created consumer %s", name)
+
+
+async def queue_depth(js: JetStreamContext, model_id: str) -> int:
+    """Requests waiting for `model_id` (not yet delivered to a worker)."""
+    try:
+        info = await js.consumer_info(names.REQUEST_STREAM, names.consumer_name(model_id))
+    except NotFoundError:
+        return 0
+    return int(info.num_pending or 0)

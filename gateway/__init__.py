@@ -1,0 +1,1 @@
+"""llmfleet gateway: OpenAI-compatible HTTP in front, NATS JetStream behind."""

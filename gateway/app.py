@@ -1,0 +1,324 @@
+"""The gateway's ASGI application: routes, the request flow, and response framing.
+
+Request flow (one task per HTTP request, plus one watcher for client disconnect):
+  auth -> bounded body -> typed decode + limits (400/413) -> catalog (404) -> JetStream
+  publish (429/503) -> wait for `accepted` (503 after the queue timeout) -> first content
+  (errors before it still get a proper HTTP status) -> SSE frames or one JSON body.
+A client that disconnects cancels the request on its worker (or withdraws it from the
+queue) at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import time
+from typing import Any
+
+import msgspec
+
+from common import protocol as p
+from common.errors import (
+    FleetError,
+    InternalError,
+    MethodNotAllowed,
+    ModelNotFound,
+    NotFound,
+    Unauthorized,
+)
+from gateway import render
+from gateway.catalog import Catalog, ModelEntry
+from gateway.dispatch import Dispatcher, Submission
+from gateway.http import (
+    SSE_HEADERS,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    send_error,
+    send_json,
+)
+from gateway.validate import Limits, Parsed, parse
+
+log = logging.getLogger(__name__)
+
+_OPS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+}
+
+
+class GatewayStats(msgspec.Struct):
+    requests: int = 0
+    in_flight: int = 0
+    ok: int = 0
+    client_errors: int = 0
+    server_errors: int = 0
+    disconnects: int = 0
+
+
+def _timeout_header(scope: Scope) -> float | None:
+    for name in (b"x-llmfleet-timeout", b"x-stainless-timeout"):
+        v = header(scope, name)
+        if v:
+            try:
+                t = float(v)
+            except ValueError:
+                continue
+            if t > 0:
+                return t
+    return None
+
+
+class GatewayApp:
+    def __init__(
+        self,
+        *,
+        dispatcher: Dispatcher,
+        catalog: Catalog,
+        limits: Limits,
+        api_key: str | None,
+        ready_check: Any,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.catalog = catalog
+        self.limits = limits
+        self.api_key = api_key
+        self.ready_check = ready_check
+        self.stats = GatewayStats()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        try:
+            op = _OPS.get(path.rstrip("/"))
+            if op is not None:
+                if method != "POST":
+                    raise MethodNotAllowed(f"Use POST for {path}.")
+                await self._infer(op, scope, receive, send)
+            elif path == "/healthz":
+                await send_json(send, 200, b'{"status":"ok"}')
+            elif path == "/readyz":
+                ok = await self.ready_check()
+                body = b'{"status":"ready"}' if ok else b'{"status":"not ready"}'
+                await send_json(send, 200 if ok else 503, body)
+            elif path.rstrip("/") == "/v1/models":
+                self._auth(scope)
+                await send_json(send, 200, self._models_body())
+            elif path.startswith("/v1/models/"):
+                self._auth(scope)
+                await self._model(path[len("/v1/models/") :], send)
+            else:
+                raise NotFound(f"Unknown path {path}.")
+        except FleetError as err:
+            self._count(err.status)
+            await send_error(send, err)
+
+    def _count(self, status: int) -> None:
+        if status >= 500:
+            self.stats.server_errors += 1
+        elif status >= 400:
+            self.stats.client_errors += 1
+        else:
+            self.stats.ok += 1
+
+    def _auth(self, scope: Scope) -> None:
+        if self.api_key is None:
+            return
+        given = header(scope, b"authorization") or ""
+        token = given[7:] if given[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise Unauthorized("Incorrect API key provided.")
+
+    # ---- models ----------------------------------------------------------------------
+
+    @staticmethod
+    def _model_entry(m: ModelEntry) -> dict[str, Any]:
+        return {
+            "id": m.id,
+            "object": "model",
+            "created": m.created,
+            "owned_by": m.owned_by,
+            "simulated": m.simulated,
+            "description": m.description,
+            "workers": len(m.workers),
+            "max_concurrency": m.slots,
+        }
+
+    def _models_body(self) -> bytes:
+        snap = self.catalog.snapshot
+        return render.models_body([self._model_entry(m) for m in snap.models.values()])
+
+    async def _model(self, model_id: str, send: Send) -> None:
+        entry = self.catalog.snapshot.lookup(model_id)
+        if entry is None:
+            raise ModelNotFound(
+                f"The model '{model_id}' does not exist or no worker serves it.", param="model"
+            )
+        await send_json(send, 200, render.json_bytes(self._model_entry(entry)))
+
+    # ---- inference -------------------------------------------------------------------
+
+    async def _infer(self, op: str, scope: Scope, receive: Receive, send: Send) -> None:
+        self.stats.requests += 1
+        rid = secrets.token_hex(12)
+        extra = [(b"x-request-id", rid.encode())]
+        try:
+            self._auth(scope)
+            body = await read_body(scope, receive, self.limits.max_body_bytes)
+            parsed = parse(op, body, self.limits)
+            if self.catalog.snapshot.lookup(parsed.model) is None:
+                raise ModelNotFound(
+                    f"The model '{parsed.model}' does not exist or no worker serves it.",
+                    param="model",
+                )
+            sub = await self.dispatcher.submit(
+                parsed, rid, header(scope, b"traceparent"), _timeout_header(scope)
+            )
+        except FleetError as err:
+            self._count(err.status)
+            await send_error(send, err, extra)
+            return
+        except ClientGone:
+            self.stats.disconnects += 1
+            return
+        self.stats.in_flight += 1
+        try:
+            await self._run(parsed, sub, receive, send, rid, extra)
+        finally:
+            self.stats.in_flight -= 1
+            sub.close()
+
+    async def _run(
+        self,
+        parsed: Parsed,
+        sub: Submission,
+        receive: Receive,
+        send: Send,
+        rid: str,
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        async with asyncio.TaskGroup() as tg:
+            respond = tg.create_task(self._respond(parsed, sub, send, rid, extra))
+            watch = tg.create_task(_wait_disconnect(receive))
+            await asyncio.wait({respond, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if respond.done():
+                watch.cancel()
+            else:
+                respond.cancel()
+                self.stats.disconnects += 1
+        if not sub.terminal:
+            await self.dispatcher.cancel(sub)
+
+    async def _respond(
+        self,
+        parsed: Parsed,
+        sub: Submission,
+        send: Send,
+        rid: str,
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        headers_sent = False
+        renderer: render.StreamRenderer | None = None
+        try:
+            accepted = await sub.first()
+            extra = [*extra, (b"x-llmfleet-worker", accepted.worker.encode())]
+            created = int(time.time())
+            if not parsed.stream:
+                await self._collect(parsed, sub, send, rid, created, extra)
+                return
+            prefix = "chatcmpl-" if parsed.op == "chat" else "cmpl-"
+            renderer = render.StreamRenderer(
+                op=parsed.op,
+                rid=prefix + rid,
+                created=created,
+                model=parsed.model,
+                include_usage=parsed.include_usage,
+            )
+            msg = await sub.next()  # errors before the first output keep their HTTP status
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [*SSE_HEADERS, *extra],
+                }
+            )
+            headers_sent = True
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": renderer.start(parsed.n),
+                    "more_body": True,
+                }
+            )
+            while True:
+                if isinstance(msg, p.Done):
+                    body = renderer.finish(msg.usage)
+                    await send({"type": "http.response.body", "body": body})
+                    self.stats.ok += 1
+                    return
+                if isinstance(msg, p.Delta):
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": renderer.delta(msg),
+                            "more_body": True,
+                        }
+                    )
+                msg = await sub.next()
+        except FleetError as err:
+            self._count(err.status)
+            if not headers_sent:
+                await send_error(send, err, extra)
+            elif renderer is not None:
+                await send({"type": "http.response.body", "body": renderer.fail(err.body())})
+        except Exception:
+            log.exception("request %s failed in the gateway", rid)
+            self.stats.server_errors += 1
+            internal = InternalError("The gateway failed while handling the request.")
+            if not headers_sent:
+                await send_error(send, internal, extra)
+            elif renderer is not None:
+                await send({"type": "http.response.body", "body": renderer.fail(internal.body())})
+
+    async def _collect(
+        self,
+        parsed: Parsed,
+        sub: Submission,
+        send: Send,
+        rid: str,
+        created: int,
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        acc = render.Assembler(parsed.n)
+        while True:
+            msg = await sub.next()
+            if isinstance(msg, p.Delta):
+                acc.add(msg)
+            elif isinstance(msg, p.Embedding):
+                acc.add_embedding(msg)
+            else:
+                break
+        usage = msg.usage
+        if parsed.op == "chat":
+            body = acc.chat_body("chatcmpl-" + rid, created, parsed.model, usage)
+        elif parsed.op == "completion":
+            body = acc.completion_body("cmpl-" + rid, created, parsed.model, usage)
+        else:
+            body = acc.embedding_body(parsed.model, usage)
+        self.stats.ok += 1
+        await send_json(send, 200, body, extra)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return

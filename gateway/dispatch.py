@@ -1,0 +1,245 @@
+"""Publishing a request to the fleet and reading its reply stream.
+
+`Dispatcher.submit` publishes the OpenAI body to `llmfleet.req.<model>` on JetStream (the
+PubAck proves it is queued; a full per-model queue answers 429 at once) with a reply
+subject from the mux. `Submission` then yields the typed reply messages, enforcing the
+protocol: sequence numbers without gaps, a bounded wait for `accepted` (the queue
+timeout, then 503 and the message is deleted from the queue) and for each later message
+(the idle timeout), exactly one terminal message.
+
+This is the gateway's seam for nats errors: they leave here as `FleetError`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from common import names
+from common import protocol as p
+from common.errors import (
+    FleetError,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+)
+from common.natsconn import header_bytes
+from gateway.mux import ReplyMux, ReplyQueue
+from gateway.validate import Parsed
+
+log = logging.getLogger(__name__)
+
+
+class DispatchSettings(msgspec.Struct, frozen=True):
+    queue_timeout_s: float = 60.0
+    idle_timeout_s: float = 300.0
+    request_timeout_s: float = 600.0
+    retry_after_s: float = 2.0
+    publish_timeout_s: float = 5.0
+
+
+class Submission:
+    """One request's reply stream. Iterate with `first()` then `next()` until terminal."""
+
+    def __init__(self, dispatcher: Dispatcher, rq: ReplyQueue, request_id: str, seq: int) -> None:
+        self._d = dispatcher
+        self._rq = rq
+        self.request_id = request_id
+        self.stream_seq = seq
+        self.worker: str | None = None
+        self.queued_ms: float | None = None
+        self._expect = 0
+        self.terminal = False
+        self.started = False  # any content received
+
+    async def _get(self, timeout: float, what: str) -> p.Reply:
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self._rq.queue.get()
+        except TimeoutError:
+            raise _Timeout(what) from None
+        if self._rq.overflowed:
+            raise UpstreamError("The reply stream overflowed the gateway's buffer.")
+        try:
+            return p.decode_reply(data)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError("A worker sent an unreadable reply message.") from exc
+
+    async def first(self) -> p.Accepted:
+        """Wait (up to the queue timeout) for a worker to accept; raises on error/timeout."""
+        try:
+            msg = await self._get(self._d.settings.queue_timeout_s, "queue")
+        except _Timeout:
+            await self._d.withdraw(self)
+            retry = self._d.settings.retry_after_s
+            raise ServiceUnavailable(
+                "No worker had capacity for this model within the queue timeout.",
+                code="queue_timeout",
+                retry_after=retry,
+            ) from None
+        return self._on_first(msg)
+
+    def _on_first(self, msg: p.Reply) -> p.Accepted:
+        if isinstance(msg, p.Error):
+            self.terminal = True
+            raise FleetError.from_body(msg.status, msg.error)
+        if not isinstance(msg, p.Accepted):
+            raise UpstreamError("A worker's reply stream did not start with 'accepted'.")
+        self.worker = msg.worker
+        self.queued_ms = msg.queued_ms
+        self._expect = msg.seq + 1
+        return msg
+
+    async def next(self) -> p.Delta | p.Embedding | p.Done:
+        """The next content or `done` message; raises FleetError for `error` and faults."""
+        while True:
+            try:
+                msg = await self._get(self._d.settings.idle_timeout_s, "idle")
+            except _Timeout:
+                raise UpstreamError(
+                    "The worker stopped sending within the idle timeout.", code="worker_timeout"
+                ) from None
+            if isinstance(msg, p.Accepted):
+                if self.started:
+                    raise UpstreamError("The request was restarted mid-stream by another worker.")
+                self._on_first(msg)  # redelivered to another worker before any output
+                continue
+            if msg.seq != self._expect:
+                raise UpstreamError(
+                    f"Reply stream gap: expected message {self._expect}, got {msg.seq}.",
+                    code="stream_gap",
+                )
+            self._expect += 1
+            if isinstance(msg, p.Error):
+                self.terminal = True
+                raise FleetError.from_body(msg.status, msg.error)
+            if isinstance(msg, p.Done):
+                self.terminal = True
+            else:
+                self.started = True
+            return msg
+
+    def close(self) -> None:
+        self._d.mux.close(self._rq)
+
+
+class _Timeout(Exception):
+    pass
+
+
+class Dispatcher:
+    def __init__(self, nc: Any, js: Any, mux: ReplyMux, settings: DispatchSettings) -> None:
+        self.nc = nc
+        self.js = js
+        self.mux = mux
+        self.settings = settings
+        self.published = 0
+        self.rejected_full = 0
+        self.queue_timeouts = 0
+
+    def _headers(
+        self,
+        parsed: Parsed,
+        request_id: str,
+        reply: str,
+        traceparent: str | None,
+        timeout_s: float | None,
+    ) -> dict[str, str]:
+        now = p.now_ms()
+        total = min(timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
+        h = {
+            p.H_VERSION: p.PROTOCOL_VERSION,
+            p.H_OP: parsed.op,
+            p.H_REQUEST_ID: request_id,
+            p.H_MSG_ID: request_id,
+            p.H_REPLY: reply,
+            p.H_START_BY: str(now + int(self.settings.queue_timeout_s * 1000)),
+            p.H_DEADLINE: str(now + int(total * 1000)),
+        }
+        if traceparent:
+            h[p.H_TRACEPARENT] = traceparent
+        return h
+
+    async def submit(
+        self,
+        parsed: Parsed,
+        request_id: str,
+        traceparent: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Submission:
+        rq = self.mux.open()
+        try:
+            headers = self._headers(parsed, request_id, rq.subject, traceparent, timeout_s)
+            size = len(parsed.body) + header_bytes(headers)
+            if size > self.nc.max_payload:
+                raise PayloadTooLarge(
+                    f"Request of {size} bytes exceeds the fleet's message limit of "
+                    f"{self.nc.max_payload} bytes.",
+                )
+            seq = await self._publish(names.request_subject(parsed.model), parsed.body, headers)
+        except BaseException:
+            self.mux.close(rq)
+            raise
+        self.published += 1
+        return Submission(self, rq, request_id, seq)
+
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
+        if not self.nc.is_connected:
+            raise ServiceUnavailable(
+                "The gateway is not connected to the message broker.",
+                retry_after=self.settings.retry_after_s,
+            )
+        try:
+            ack = await self.js.publish(
+                subject, body, timeout=self.settings.publish_timeout_s, headers=headers
+            )
+        except nats.js.errors.APIError as exc:
+            text = f"{exc.description or ''}".lower()
+            if "maximum" in text or exc.err_code in (10077, 10078):
+                self.rejected_full += 1
+                raise RateLimited(
+                    "This model's queue is full; retry later.",
+                    retry_after=self.settings.retry_after_s,
+                ) from exc
+            raise ServiceUnavailable(
+                "The request queue refused the request.", retry_after=self.settings.retry_after_s
+            ) from exc
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise ServiceUnavailable(
+                "The request queue is unavailable.", retry_after=self.settings.retry_after_s
+            ) from exc
+        return int(ack.seq)
+
+    async def withdraw(self, sub: Submission) -> None:
+        """Take a not-yet-accepted request back out of the queue (best effort)."""
+        self.queue_timeouts += 1
+        try:
+            await self.js.delete_msg(names.REQUEST_STREAM, sub.stream_seq)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            pass  # already delivered (its start-by time makes the worker drop it) or gone
+
+    async def cancel(self, sub: Submission) -> None:
+        """The client left: stop the worker (if one accepted) or withdraw from the queue."""
+        if sub.terminal:
+            return
+        if sub.worker is None:
+            await self.withdraw(sub)
+            return
+        await self.send_cancel(sub.worker, sub.request_id)
+
+    async def send_cancel(self, worker: str, request_id: str) -> None:
+        if self.nc.is_connected:
+            await self.nc.publish(
+                names.control_subject(worker), p.encode(p.Cancel(request_id=request_id))
+            )
+
+
+def unix_time() -> int:
+    return int(time.time())

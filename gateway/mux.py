@@ -1,0 +1,100 @@
+"""One wildcard inbox subscription for every reply stream of this gateway.
+
+`open()` registers a bounded queue under a fresh token and returns the reply subject
+`_LLMFLEET.gw.<gateway>.<token>`; the NATS callback only looks the token up and enqueues
+the raw bytes (decoding happens in the request's own task). All of this runs on the one
+event loop with no await between lookup and use, so the dict needs no lock.
+
+A reply for a token that is gone (client left, queue timeout) that announces a worker
+(`accepted`) makes the mux tell that worker to cancel: nobody will read that stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from common import names
+from common import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class ReplyQueue:
+    """A bounded queue of raw reply messages; overflow is recorded, not hidden."""
+
+    __slots__ = ("overflowed", "queue", "subject", "token")
+
+    def __init__(self, token: str, subject: str, maxsize: int) -> None:
+        self.token = token
+        self.subject = subject
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize)
+        self.overflowed = False
+
+
+class ReplyMux:
+    def __init__(
+        self,
+        nc: Any,
+        gateway_id: str,
+        on_orphan_accepted: Callable[[p.Accepted], Awaitable[None]],
+        queue_size: int = 4096,
+    ) -> None:
+        self._nc = nc
+        self.prefix = f"{names.INBOX_ROOT}.gw.{gateway_id}"
+        self._streams: dict[str, ReplyQueue] = {}
+        self._ids = itertools.count(1)
+        self._queue_size = queue_size
+        self._on_orphan = on_orphan_accepted
+        self._sub: Any = None
+        self.orphans = 0
+        self.overflows = 0
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(
+            self.prefix + ".*",
+            cb=self._on_msg,
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=512 * 1024 * 1024,
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    def open(self) -> ReplyQueue:
+        token = format(next(self._ids), "x")
+        rq = ReplyQueue(token, f"{self.prefix}.{token}", self._queue_size)
+        self._streams[token] = rq
+        return rq
+
+    def close(self, rq: ReplyQueue) -> None:
+        self._streams.pop(rq.token, None)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    async def _on_msg(self, msg: Any) -> None:
+        token = msg.subject[len(self.prefix) + 1 :]
+        rq = self._streams.get(token)
+        if rq is not None:
+            try:
+                rq.queue.put_nowait(msg.data)
+            except asyncio.QueueFull:
+                rq.overflowed = True
+                self.overflows += 1
+            return
+        self.orphans += 1
+        if b'"accepted"' in msg.data:
+            try:
+                reply = p.decode_reply(msg.data)
+            except msgspec.DecodeError:
+                return
+            if isinstance(reply, p.Accepted):
+                await self._on_orphan(reply)

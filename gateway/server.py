@@ -1,0 +1,145 @@
+"""The gateway process's composition root: NATS connection, catalog, mux, dispatcher and
+the uvicorn HTTP server (uvloop + httptools), with a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import uvicorn
+
+from common import names
+from common import protocol as p
+from common.natsconn import close, connect, flush, jetstream
+from common.queue import QueueSettings, ensure_stream
+from gateway.app import GatewayApp
+from gateway.catalog import Catalog
+from gateway.dispatch import Dispatcher, DispatchSettings
+from gateway.mux import ReplyMux
+from gateway.validate import Limits
+
+log = logging.getLogger(__name__)
+
+
+class GatewaySettings(msgspec.Struct, frozen=True):
+    nats_url: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    gateway_id: str = ""
+    api_key: str | None = None
+    limits: Limits = Limits()
+    dispatch: DispatchSettings = DispatchSettings()
+    queue: QueueSettings = QueueSettings()
+    discover_wait_s: float = 0.5
+    shutdown_grace_s: float = 30.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the composition root decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.gateway_id = settings.gateway_id or secrets.token_hex(4)
+        self._stop = asyncio.Event()
+        self.app: GatewayApp | None = None
+        self.port: int | None = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, ready: asyncio.Future[None] | None = None) -> None:
+        s = self.settings
+        nc = await connect(s.nats_url, name=f"llmfleet-gateway-{self.gateway_id}")
+        try:
+            js = jetstream(nc)
+            await ensure_stream(js, s.queue)
+            await self._serve(nc, js, ready)
+        finally:
+            await close(nc)
+
+    async def _serve(self, nc: Any, js: Any, ready: asyncio.Future[None] | None) -> None:
+        s = self.settings
+        catalog = Catalog()
+        dispatcher: Dispatcher | None = None
+
+        async def on_orphan(acc: p.Accepted) -> None:
+            if dispatcher is not None:
+                await dispatcher.send_cancel(acc.worker, acc.request_id)
+
+        async def on_heartbeat(msg: Any) -> None:
+            catalog.post_announce(msg.data)
+
+        mux = ReplyMux(nc, self.gateway_id, on_orphan)
+        await mux.start()
+        hb = await nc.subscribe(names.HEARTBEAT_PREFIX + "*", cb=on_heartbeat)
+        await flush(nc)
+        dispatcher = Dispatcher(nc, js, mux, s.dispatch)
+
+        async def ready_check() -> bool:
+            if not nc.is_connected:
+                return False
+            try:
+                await js.account_info()
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                return False
+            return True
+
+        self.app = GatewayApp(
+            dispatcher=dispatcher,
+            catalog=catalog,
+            limits=s.limits,
+            api_key=s.api_key,
+            ready_check=ready_check,
+        )
+        config = uvicorn.Config(
+            self.app,
+            host=s.host,
+            port=s.port,
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            server_header=False,
+            log_level="warning",
+            timeout_graceful_shutdown=int(s.shutdown_grace_s),
+            backlog=4096,
+        )
+        server = _Server(config)
+        async with asyncio.TaskGroup() as tg:
+            cat_task = tg.create_task(catalog.run())
+            await nc.publish(names.DISCOVER_SUBJECT, b"")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(s.discover_wait_s):
+                    await catalog.changed.wait()
+            srv_task = tg.create_task(server.serve())
+            while not server.started:
+                if srv_task.done():
+                    break
+                await asyncio.sleep(0.01)
+            if server.started:
+                self.port = server.servers[0].sockets[0].getsockname()[1]
+                log.info("gateway %s serving on http://%s:%s", self.gateway_id, s.host, self.port)
+                if ready is not None:
+                    ready.set_result(None)
+                stop = tg.create_task(self._stop.wait())
+                await asyncio.wait({stop, srv_task}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                server.should_exit = True
+            await srv_task
+            cat_task.cancel()
+            await hb.unsubscribe()
+            await mux.stop()
+        if not server.started:
+            raise OSError(f"could not serve HTTP on {s.host}:{s.port}")

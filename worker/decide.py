@@ -1,0 +1,155 @@
+"""Pure decisions of the worker: how much to pull, whether to run a delivered request,
+how to coalesce output. No I/O, no logging; tested without an event loop."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from common.protocol import ChoiceDelta
+
+
+class RunnerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+def pull_batch(max_concurrency: int, running: int, credits: int, state: RunnerState) -> int:
+    """How many more messages to ask the broker for now (0: none).
+
+    `credits` are messages already asked for and not yet delivered or expired. Running
+    jobs plus credits never exceed `max_concurrency`: the broker, not this worker, holds
+    every request beyond what it can run at once.
+    """
+    if state is not RunnerState.READY:
+        return 0
+    return max(0, max_concurrency - running - credits)
+
+
+class Admission(enum.Enum):
+    RUN = "run"
+    NAK = "nak"  # give it back at once: another worker (or this one later) takes it
+    EXPIRED = "expired"  # its start-by time passed while it waited: drop without running
+    REJECT = "reject"  # unreadable: drop and report an error to the requester
+
+
+def admit(
+    *,
+    state: RunnerState,
+    running: int,
+    max_concurrency: int,
+    start_by_ms: int | None,
+    now_ms: int,
+    readable: bool,
+) -> Admission:
+    if not readable:
+        return Admission.REJECT
+    if state is not RunnerState.READY or running >= max_concurrency:
+        return Admission.NAK
+    if start_by_ms is not None and now_ms > start_by_ms:
+        return Admission.EXPIRED
+    return Admission.RUN
+
+
+class AckInfo(msgspec.Struct, frozen=True):
+    stream: str
+    consumer: str
+    delivered: int
+    stream_seq: int
+    timestamp_ns: int
+    pending: int
+
+
+def parse_ack_subject(subject: str) -> AckInfo | None:
+    """Read JetStream delivery metadata from a message's `$JS.ACK...` reply subject.
+
+    v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+    v2: $JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>
+        .<pending>[.<token>]
+    """
+    parts = subject.split(".")
+    if len(parts) < 9 or parts[0] != "$JS" or parts[1] != "ACK":
+        return None
+    body = parts[2:] if len(parts) == 9 else parts[4:]
+    if len(body) < 7:
+        return None
+    try:
+        return AckInfo(
+            stream=body[0],
+            consumer=body[1],
+            delivered=int(body[2]),
+            stream_seq=int(body[3]),
+            timestamp_ns=int(body[5]),
+            pending=int(body[6]),
+        )
+    except ValueError:
+        return None
+
+
+_MAX_MERGED_CHARS = 64 * 1024
+
+
+def _mergeable(d: ChoiceDelta) -> bool:
+    return d.tool_calls is None and d.logprobs is None and d.finish_reason is None
+
+
+def coalesce(batches: list[list[ChoiceDelta]]) -> list[list[ChoiceDelta]]:
+    """Merge consecutive outputs into as few messages as possible, preserving meaning.
+
+    Text of the same choice is concatenated; a delta carrying tool calls, logprobs or a
+    finish reason is never merged into (the finish reason may close a text run, though),
+    and a message's text stays under 64 KiB.
+    """
+    out: list[list[ChoiceDelta]] = []
+    current: dict[int, ChoiceDelta] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            out.append(list(current.values()))
+        current = {}
+        size = 0
+
+    for batch in batches:
+        for d in batch:
+            added = len(d.content or "") + len(d.reasoning_content or "")
+            prev = current.get(d.index)
+            if prev is None and size + added <= _MAX_MERGED_CHARS:
+                current[d.index] = d
+                size += added
+                continue
+            if (
+                prev is not None
+                and _mergeable(prev)
+                and _text_only(d)
+                and size + added <= _MAX_MERGED_CHARS
+            ):
+                current[d.index] = ChoiceDelta(
+                    index=d.index,
+                    content=_cat(prev.content, d.content),
+                    reasoning_content=_cat(prev.reasoning_content, d.reasoning_content),
+                    finish_reason=d.finish_reason,
+                )
+                size += added
+                continue
+            flush()
+            current[d.index] = d
+            size = added
+    flush()
+    return out
+
+
+def _text_only(d: ChoiceDelta) -> bool:
+    return d.tool_calls is None and d.logprobs is None
+
+
+def _cat(a: str | None, b: str | None) -> str | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b

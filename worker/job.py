@@ -1,0 +1,285 @@
+"""One request on a worker: read it, run the engine, stream the reply, report back.
+
+`read_job` turns a delivered JetStream message into a `JobSpec` (pure). `run_job` owns
+nothing but its own reply sequence; it never raises: every outcome becomes exactly one
+terminal reply (`done` or `error`) and a `JobResult` for the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
+
+import msgspec
+
+from common import protocol as p
+from common.errors import (
+    FleetError,
+    GatewayTimeout,
+    InternalError,
+    InvalidRequest,
+    ServiceUnavailable,
+)
+from common.openai_types import (
+    CHAT_DECODER,
+    COMPLETION_DECODER,
+    EMBEDDING_DECODER,
+    decode_error_message,
+    prompt_texts,
+)
+from worker.decide import coalesce
+from worker.engine import Engine, EngineEvent, Output
+
+log = logging.getLogger(__name__)
+
+_QUEUE_MAX = 256
+_DRAIN_MAX = 64
+
+
+class Publisher(Protocol):
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None: ...
+
+
+class JobSpec(msgspec.Struct, frozen=True):
+    request_id: str
+    op: str
+    reply: str
+    body: bytes
+    start_by_ms: int | None = None
+    deadline_ms: int | None = None
+    traceparent: str | None = None
+    queued_ms: float | None = None
+
+
+class JobResult(msgspec.Struct, frozen=True):
+    request_id: str
+    ok: bool
+    tokens_out: int = 0
+
+
+class BadMessage(Exception):
+    """A delivered message that is not a readable llmfleet request."""
+
+    def __init__(self, reason: str, reply: str | None, request_id: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply = reply
+        self.request_id = request_id
+
+
+def _int_header(headers: dict[str, str], name: str) -> int | None:
+    v = headers.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        return None
+
+
+def read_job(headers: dict[str, str] | None, body: bytes, queued_ms: float | None) -> JobSpec:
+    """Validate the request's headers; raises BadMessage."""
+    h = headers or {}
+    reply = h.get(p.H_REPLY) or None
+    rid = h.get(p.H_REQUEST_ID) or h.get(p.H_MSG_ID) or ""
+    if reply is None:
+        raise BadMessage(f"missing {p.H_REPLY} header", None, rid)
+    version = h.get(p.H_VERSION, p.PROTOCOL_VERSION)
+    if version != p.PROTOCOL_VERSION:
+        raise BadMessage(f"unsupported protocol version {version!r}", reply, rid)
+    op = h.get(p.H_OP, "chat")
+    if op not in p.OPS:
+        raise BadMessage(f"unknown {p.H_OP} {op!r}; expected one of {p.OPS}", reply, rid)
+    if not rid:
+        raise BadMessage(f"missing {p.H_REQUEST_ID} header", reply, rid)
+    return JobSpec(
+        request_id=rid,
+        op=op,
+        reply=reply,
+        body=body,
+        start_by_ms=_int_header(h, p.H_START_BY),
+        deadline_ms=_int_header(h, p.H_DEADLINE),
+        traceparent=h.get(p.H_TRACEPARENT),
+        queued_ms=queued_ms,
+    )
+
+
+class ReplyWriter:
+    """Numbers and publishes one request's reply stream."""
+
+    def __init__(self, nc: Publisher, subject: str) -> None:
+        self._nc = nc
+        self.subject = subject
+        self.seq = 0
+
+    def next_seq(self) -> int:
+        s = self.seq
+        self.seq += 1
+        return s
+
+    async def send(self, msg: msgspec.Struct) -> None:
+        await self._nc.publish(self.subject, p.encode(msg))
+
+    async def accepted(self, spec: JobSpec, worker: str, model: str) -> None:
+        await self.send(
+            p.Accepted(
+                worker=worker,
+                model=model,
+                seq=self.next_seq(),
+                request_id=spec.request_id,
+                queued_ms=spec.queued_ms,
+            )
+        )
+
+    async def error(self, err: FleetError) -> None:
+        await self.send(p.Error(seq=self.next_seq(), status=err.status, error=err.body()))
+
+
+async def send_rejection(nc: Publisher, reply: str, err: FleetError) -> None:
+    """Answer a request that will not run (expired, unreadable) with a lone `error`."""
+    await ReplyWriter(nc, reply).error(err)
+
+
+def _decode_error(exc: msgspec.DecodeError) -> InvalidRequest:
+    message, param = decode_error_message(exc)
+    return InvalidRequest(message, param=param)
+
+
+async def _pump(
+    events: AsyncIterator[EngineEvent],
+    out: ReplyWriter,
+    on_first: Callable[[], Awaitable[None]],
+) -> p.Usage:
+    """Stream engine output to `out`, coalescing whatever piled up since the last send."""
+    queue: asyncio.Queue[EngineEvent | None] = asyncio.Queue(_QUEUE_MAX)
+    usage = p.Usage()
+
+    async def produce() -> None:
+        async for ev in events:
+            await queue.put(ev)
+        await queue.put(None)
+
+    first = True
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(produce())
+        finished = False
+        while not finished:
+            batch: list[EngineEvent | None] = [await queue.get()]
+            while len(batch) < _DRAIN_MAX and not queue.empty():
+                batch.append(queue.get_nowait())
+            outputs: list[list[p.ChoiceDelta]] = []
+            for ev in batch:
+                if ev is None:
+                    finished = True
+                elif isinstance(ev, Output):
+                    outputs.append(ev.choices)
+                else:
+                    usage = ev
+            for choices in coalesce(outputs):
+                if first:
+                    first = False
+                    await on_first()
+                await out.send(p.Delta(seq=out.next_seq(), choices=choices))
+    if first:
+        await on_first()
+    return usage
+
+
+async def run_job(
+    spec: JobSpec,
+    *,
+    engine: Engine,
+    nc: Publisher,
+    worker: str,
+    model: str,
+    on_started: Callable[[], Awaitable[None]],
+) -> JobResult:
+    """Run one accepted request to its terminal reply. Never raises (except cancellation).
+
+    `on_started` is awaited once, just before the first output or terminal message is
+    sent: the runner acks the broker message there, so a worker that dies before its first
+    token leaves the request to be redelivered to another worker.
+    """
+    out = ReplyWriter(nc, spec.reply)
+    started = False
+
+    async def first() -> None:
+        nonlocal started
+        if not started:
+            started = True
+            await on_started()
+
+    await out.accepted(spec, worker, model)
+    try:
+        timeout_at: float | None = None
+        if spec.deadline_ms is not None:
+            remaining = (spec.deadline_ms - p.now_ms()) / 1000.0
+            timeout_at = asyncio.get_running_loop().time() + remaining
+        async with asyncio.timeout_at(timeout_at):
+            usage = await _execute(spec, engine, out, first)
+        await out.send(p.Done(seq=out.next_seq(), usage=usage))
+        return JobResult(spec.request_id, ok=True, tokens_out=usage.completion_tokens)
+    except asyncio.CancelledError:
+        # Cancelled (client gone, drain grace over): still end the stream properly.
+        err = ServiceUnavailable("The request was cancelled on the worker.", code="cancelled")
+        await asyncio.shield(_end_cancelled(first, out, err))
+        raise
+    except FleetError as err:
+        await first()
+        await out.error(err)
+    except TimeoutError:
+        await first()
+        await out.error(GatewayTimeout("The request's deadline passed during generation."))
+    except Exception:
+        log.exception("request %s failed in the engine", spec.request_id)
+        await first()
+        await out.error(InternalError("The worker failed while generating."))
+    return JobResult(spec.request_id, ok=False)
+
+
+async def _execute(
+    spec: JobSpec,
+    engine: Engine,
+    out: ReplyWriter,
+    first: Callable[[], Awaitable[None]],
+) -> p.Usage:
+    try:
+        match spec.op:
+            case "chat":
+                chat = CHAT_DECODER.decode(spec.body)
+                return await _pump(engine.chat(chat, spec.body), out, first)
+            case "completion":
+                comp = COMPLETION_DECODER.decode(spec.body)
+                try:
+                    prompt_texts(comp.prompt)
+                except ValueError as exc:
+                    raise InvalidRequest(f"'prompt' {exc}", param="prompt") from exc
+                return await _pump(engine.complete(comp, spec.body), out, first)
+            case _:
+                emb = EMBEDDING_DECODER.decode(spec.body)
+                try:
+                    prompt_texts(emb.input)
+                except ValueError as exc:
+                    raise InvalidRequest(f"'input' {exc}", param="input") from exc
+                result = await engine.embed(emb, spec.body)
+                await first()
+                for i, vec in enumerate(result.embeddings):
+                    await out.send(p.Embedding(seq=out.next_seq(), index=i, embedding=vec))
+                return result.usage
+    except msgspec.DecodeError as exc:
+        raise _decode_error(exc) from exc
+
+
+async def _end_cancelled(
+    first: Callable[[], Awaitable[None]], out: ReplyWriter, err: FleetError
+) -> None:
+    await first()
+    await out.error(err)

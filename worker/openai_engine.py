@@ -1,0 +1,487 @@
+"""`openai`: an engine that forwards to any OpenAI-compatible upstream server.
+
+vLLM, llama.cpp's server, SGLang, Ollama and TGI all speak the OpenAI HTTP API, so one
+engine serves them all. The client's original body is forwarded (only `model`, `stream`
+and `stream_options` are rewritten), so every sampling parameter the upstream knows
+reaches it untouched. Generation always streams from upstream; the worker re-aggregates
+for non-streaming clients.
+
+Ownership: `start()` creates one long-lived `httpx.AsyncClient` (a connection pool);
+`aclose()` closes it. Each `chat`/`complete` call owns one upstream response inside
+`async with client.stream(...)`: cancelling the consuming task (or closing the generator)
+closes that response, which is how the upstream learns to abort the sequence.
+
+Errors (all `common.errors.FleetError`; httpx exceptions are translated in `_translate`):
+
+    upstream 4xx before the stream  -> EngineError with the upstream status/type/param/code
+    upstream 401/403                -> UpstreamError 502 (our credentials are wrong, not the
+                                       client's)
+    upstream 5xx before the stream  -> UpstreamError 502
+    connect failure, timeout, reset -> UpstreamError 502 naming the upstream URL
+    `{"error": ...}` inside the SSE  -> UpstreamError 502 with the upstream message
+    unreadable upstream chunk       -> UpstreamError 502
+
+The upstream API key is sent only as `Authorization: Bearer` to the upstream and never
+appears in an error message, a card or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from common.errors import (
+    EngineError,
+    FleetError,
+    InvalidRequest,
+    ServiceUnavailable,
+    UpstreamError,
+)
+from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
+from common.protocol import ChoiceDelta, Usage
+from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
+
+# An SSE event larger than this is not a token chunk: refuse it instead of buffering forever.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+# Error bodies are read only this far (they are a few hundred bytes when well-formed).
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# After `[DONE]`, wait this long for the end of the body so the connection is reused.
+DRAIN_AFTER_DONE_S = 1.0
+
+
+class OpenAISettings(msgspec.Struct, frozen=True):
+    """Where the upstream lives and what the model is called on each side.
+
+    `timeout_s` bounds non-streaming calls (embeddings) and request writes; streams have no
+    read timeout (a long generation is legal, and deadlines are enforced by the worker).
+    """
+
+    base_url: str
+    served_model: str
+    api_key: str | None = None
+    upstream_model: str | None = None
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    max_connections: int = 1024
+
+
+# ---- upstream wire shapes (decoded with reused typed decoders; unknown fields ignored) ----
+
+
+class _UpUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _UpErrorBody(msgspec.Struct):
+    message: str = ""
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+
+class _UpErrorDoc(msgspec.Struct):
+    """OpenAI `{"error": {...}}`, TGI/Ollama `{"error": "..."}`, or legacy vLLM flat errors."""
+
+    error: _UpErrorBody | str | None = None
+    object: str | None = None
+    message: str | None = None
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+
+class _UpDelta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class _UpChoice(msgspec.Struct):
+    index: int = 0
+    delta: _UpDelta | None = None  # chat
+    text: str | None = None  # completions
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class _UpChunk(msgspec.Struct):
+    choices: list[_UpChoice] = []
+    usage: _UpUsage | None = None
+    error: _UpErrorBody | str | None = None
+    object: str | None = None  # legacy vLLM in-stream error: {"object": "error", "message"}
+    message: str | None = None
+
+
+class _UpEmbedding(msgspec.Struct):
+    embedding: list[float] | str
+    index: int = 0
+
+
+class _UpEmbeddings(msgspec.Struct):
+    data: list[_UpEmbedding]
+    usage: _UpUsage | None = None
+
+
+_body_decoder = msgspec.json.Decoder(dict[str, Any])
+_chunk_decoder = msgspec.json.Decoder(_UpChunk)
+_error_decoder = msgspec.json.Decoder(_UpErrorDoc)
+_embeddings_decoder = msgspec.json.Decoder(_UpEmbeddings)
+_encoder = msgspec.json.Encoder()
+
+
+# ---- pure helpers ---------------------------------------------------------------------------
+
+
+class SSEParser:
+    """Incremental `text/event-stream` parser: bytes in, complete event data payloads out.
+
+    Handles LF and CRLF line ends, `:` comment lines, multi-line `data:` fields, and fields
+    it does not need (`event:`, `id:`, `retry:`), which are ignored. Raises UpstreamError
+    when one event would exceed `MAX_EVENT_BYTES`.
+    """
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._data: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._partial + chunk if self._partial else chunk
+        lines = buf.split(b"\n")
+        self._partial = lines.pop()
+        events: list[bytes] = []
+        for line in lines:
+            self._line(line[:-1] if line.endswith(b"\r") else line, events)
+        if len(self._partial) + self._size > MAX_EVENT_BYTES:
+            raise UpstreamError("upstream sent an oversized stream event")
+        return events
+
+    def close(self) -> list[bytes]:
+        """The events still pending at end of stream (a last event without a blank line)."""
+        events: list[bytes] = []
+        if self._partial:
+            self._line(self._partial.rstrip(b"\r"), events)
+            self._partial = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[bytes]) -> None:
+        if not line:
+            if self._data:
+                events.append(b"\n".join(self._data))
+                self._data = []
+                self._size = 0
+        elif line.startswith(b"data:"):
+            value = line[6:] if line.startswith(b"data: ") else line[5:]
+            self._data.append(value)
+            self._size += len(value) + 1
+
+
+def chunk_output(chunk: _UpChunk) -> Output | None:
+    """The new output in one upstream chunk, or None when no choice advanced."""
+    out: list[ChoiceDelta] = []
+    for c in chunk.choices:
+        d = c.delta
+        if d is not None:
+            content = d.content or None
+            reasoning = d.reasoning_content or d.reasoning or None
+            tool_calls = d.tool_calls or None
+        else:
+            content, reasoning, tool_calls = c.text or None, None, None
+        if (
+            content is None
+            and reasoning is None
+            and tool_calls is None
+            and c.logprobs is None
+            and c.finish_reason is None
+        ):
+            continue
+        out.append(
+            ChoiceDelta(
+                index=c.index,
+                content=content,
+                reasoning_content=reasoning,
+                tool_calls=tool_calls,
+                logprobs=c.logprobs,
+                finish_reason=c.finish_reason,
+            )
+        )
+    return Output(choices=out) if out else None
+
+
+def _as_code(code: str | int | None) -> str | None:
+    # Some servers put the HTTP status (an int) in `code`; OpenAI codes are identifiers.
+    return code if isinstance(code, str) else None
+
+
+def upstream_error(status: int, body: bytes, retry_after: float | None = None) -> FleetError:
+    """Map an upstream non-2xx response to the error the client should see."""
+    try:
+        doc: _UpErrorDoc | None = _error_decoder.decode(body)
+    except msgspec.MsgspecError:
+        doc = None
+    message, type_, param, code = "", None, None, None
+    if doc is not None:
+        if isinstance(doc.error, _UpErrorBody):
+            e = doc.error
+            message, type_, param, code = e.message, e.type, e.param, _as_code(e.code)
+        elif isinstance(doc.error, str):
+            message = doc.error
+        elif doc.message is not None:
+            message, type_, param, code = doc.message, doc.type, doc.param, _as_code(doc.code)
+    if not message:
+        snippet = body[:200].decode("utf-8", "replace").strip()
+        message = f"upstream returned HTTP {status}" + (f": {snippet}" if snippet else "")
+    if status in (401, 403):
+        return UpstreamError(f"upstream rejected the worker's credentials: {message}")
+    if 400 <= status < 500:
+        return EngineError(
+            message,
+            status=status,
+            type=type_ or "invalid_request_error",
+            param=param,
+            code=code,
+            retry_after=retry_after,
+        )
+    return UpstreamError(f"upstream failed with HTTP {status}: {message}")
+
+
+def _stream_error(chunk: _UpChunk) -> UpstreamError | None:
+    if isinstance(chunk.error, _UpErrorBody):
+        return UpstreamError(f"upstream error mid-stream: {chunk.error.message or 'unknown'}")
+    if isinstance(chunk.error, str):
+        return UpstreamError(f"upstream error mid-stream: {chunk.error}")
+    if chunk.object == "error":
+        return UpstreamError(f"upstream error mid-stream: {chunk.message or 'unknown'}")
+    return None
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    try:
+        return float(resp.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _display_url(base_url: str) -> str:
+    """The base URL without any userinfo, safe for messages and the catalog."""
+    try:
+        return str(httpx.URL(base_url).copy_with(username=None, password=None))
+    except httpx.InvalidURL:
+        return "<invalid upstream url>"
+
+
+# ---- the engine -----------------------------------------------------------------------------
+
+
+class OpenAIEngine:
+    """Proxies one served model to an OpenAI-compatible upstream.
+
+    Owns one `httpx.AsyncClient` between `start()` and `aclose()`; requests made outside
+    that window raise ServiceUnavailable. Safe for many concurrent requests (httpx pools).
+    """
+
+    def __init__(self, settings: OpenAISettings) -> None:
+        self.settings = settings
+        self._model = settings.upstream_model or settings.served_model
+        self._url = _display_url(settings.base_url)
+        self._client: httpx.AsyncClient | None = None
+        s = settings
+        self._stream_timeout = httpx.Timeout(
+            connect=s.connect_timeout_s, read=None, write=s.timeout_s, pool=s.timeout_s
+        )
+
+    def card(self) -> ModelCard:
+        return ModelCard(
+            engine="openai", owned_by="llmfleet", description=f"proxied to {self._url}"
+        )
+
+    async def start(self) -> None:
+        s = self.settings
+        headers = {"Accept-Encoding": "identity"}
+        if s.api_key:
+            headers["Authorization"] = f"Bearer {s.api_key}"
+        self._client = httpx.AsyncClient(
+            base_url=s.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(s.timeout_s, connect=s.connect_timeout_s),
+            limits=httpx.Limits(
+                max_connections=s.max_connections,
+                max_keepalive_connections=s.max_connections,
+                keepalive_expiry=30.0,
+            ),
+            # The upstream is an internal server: never route it through an env proxy.
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def chat(self, req: ChatRequest, raw: bytes) -> AsyncGenerator[EngineEvent, None]:
+        return self._stream("/chat/completions", raw)
+
+    def complete(self, req: CompletionRequest, raw: bytes) -> AsyncGenerator[EngineEvent, None]:
+        return self._stream("/completions", raw)
+
+    async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
+        client = self._require_client()
+        body = self._rewrite(raw, stream=False)
+        with self._translate():
+            resp = await client.post(
+                "/embeddings", content=body, headers={"Content-Type": "application/json"}
+            )
+            await self._raise_for_status(resp)
+        try:
+            parsed = _embeddings_decoder.decode(resp.content)
+        except msgspec.MsgspecError as exc:
+            raise UpstreamError(f"upstream {self._url} sent an unreadable embeddings body") from exc
+        items = sorted(parsed.data, key=lambda item: item.index)
+        u = parsed.usage or _UpUsage()
+        return EmbedResult(
+            embeddings=[item.embedding for item in items],
+            usage=Usage(
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=0,
+                total_tokens=u.total_tokens or u.prompt_tokens,
+            ),
+        )
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise ServiceUnavailable("the openai engine is not running")
+        return self._client
+
+    def _rewrite(self, raw: bytes, *, stream: bool) -> bytes:
+        """The client's body with `model` (and, for streams, `stream*`) set for upstream."""
+        try:
+            body = _body_decoder.decode(raw)
+        except msgspec.MsgspecError as exc:
+            raise InvalidRequest("request body must be a JSON object") from exc
+        body["model"] = self._model
+        if stream:
+            body["stream"] = True
+            opts = body.get("stream_options")
+            body["stream_options"] = {
+                **(opts if isinstance(opts, dict) else {}),
+                "include_usage": True,
+            }
+        return _encoder.encode(body)
+
+    @contextlib.contextmanager
+    def _translate(self) -> Iterator[None]:
+        """The one seam where httpx exceptions become UpstreamError (never naming the key)."""
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(self._scrub(f"upstream {self._url} timed out ({exc!r})")) from exc
+        except httpx.ConnectError as exc:
+            raise UpstreamError(
+                self._scrub(f"cannot connect to upstream {self._url}: {exc}")
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(
+                self._scrub(f"request to upstream {self._url} failed: {type(exc).__name__}: {exc}")
+            ) from exc
+
+    def _scrub(self, message: str) -> str:
+        key = self.settings.api_key
+        return message.replace(key, "***") if key else message
+
+    async def _raise_for_status(self, resp: httpx.Response) -> None:
+        if resp.is_success:
+            return
+        body = b""
+        async for part in resp.aiter_bytes():
+            body += part
+            if len(body) >= MAX_ERROR_BODY_BYTES:
+                break
+        raise upstream_error(resp.status_code, body, _retry_after(resp))
+
+    async def _stream(self, path: str, raw: bytes) -> AsyncGenerator[EngineEvent, None]:
+        client = self._require_client()
+        body = self._rewrite(raw, stream=True)
+        parser = SSEParser()
+        state = _StreamState(self._url)
+        with self._translate():
+            async with client.stream(
+                "POST",
+                path,
+                content=body,
+                headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+                timeout=self._stream_timeout,
+            ) as resp:
+                await self._raise_for_status(resp)
+                chunks = resp.aiter_bytes()
+                async for data in chunks:
+                    for out in state.take(parser.feed(data)):
+                        yield out
+                    if state.done:
+                        break
+                else:
+                    for out in state.take(parser.close()):
+                        yield out
+                    if not state.seen:
+                        raise UpstreamError(f"upstream {self._url} ended the stream without data")
+                yield state.usage()
+                if state.done:
+                    # Read the end of the body so the connection goes back to the pool; a
+                    # server that keeps the response open after [DONE] is simply cut off.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(DRAIN_AFTER_DONE_S):
+                            async for _ in chunks:
+                                pass
+
+
+class _StreamState:
+    """What one upstream stream has said so far: `[DONE]` seen, last usage reported."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.done = False
+        self.seen = False
+        self._usage: _UpUsage | None = None
+
+    def take(self, events: list[bytes]) -> list[Output]:
+        """The outputs in `events`; raises UpstreamError for an in-stream error or bad JSON."""
+        outs: list[Output] = []
+        for event in events:
+            if self.done:
+                break
+            if event == b"[DONE]":
+                self.done = True
+                break
+            self.seen = True
+            try:
+                chunk = _chunk_decoder.decode(event)
+            except msgspec.MsgspecError as exc:
+                raise UpstreamError(f"upstream {self.url} sent an unreadable stream chunk") from exc
+            err = _stream_error(chunk)
+            if err is not None:
+                raise err
+            if chunk.usage is not None:
+                self._usage = chunk.usage
+            out = chunk_output(chunk)
+            if out is not None:
+                outs.append(out)
+        return outs
+
+    def usage(self) -> Usage:
+        """The last usage upstream reported (zeros when it never sent one)."""
+        u = self._usage or _UpUsage()
+        return Usage(
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            total_tokens=u.total_tokens or u.prompt_tokens + u.completion_tokens,
+        )

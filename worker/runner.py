@@ -1,0 +1,337 @@
+"""`ModelRunner`: the one task that owns a model's slots on this worker.
+
+It speaks JetStream's pull protocol itself so that credits are exact: every pull request
+asks for one message (batch 1) on its own reply subject, and ends with exactly one event,
+a delivery or a status (408 expired, 409 ...). Deliveries carry the stream subject, not
+the pull's, so a delivery closes the oldest open pull and a status closes its own (or,
+if that one was already closed by a delivery, the oldest); either way one event closes
+one pull and the count of open pulls is exact. Running jobs plus open pulls never exceed
+`max_concurrency`: every request beyond that waits in the broker, where any worker with
+a free slot takes the next one (fleet-wide FIFO per model).
+
+Events (bounded inbox): Delivered, PullEnded, JobFinished, CancelJob, Tick, Drain.
+Effects go through `nc.publish` only (pull requests, acks, naks, replies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+
+from common import names
+from common import protocol as p
+from common.errors import GatewayTimeout, InvalidRequest
+from common.natsconn import flush
+from worker.decide import Admission, RunnerState, admit, parse_ack_subject, pull_batch
+from worker.engine import Engine
+from worker.job import BadMessage, JobResult, JobSpec, read_job, run_job, send_rejection
+
+log = logging.getLogger(__name__)
+
+_PULL_EXPIRES_S = 10.0
+_TICK_S = 1.0
+
+
+class Delivered(msgspec.Struct):
+    pull_id: int
+    msg: Any
+
+
+class PullEnded(msgspec.Struct):
+    pull_id: int
+    status: str
+
+
+class JobFinished(msgspec.Struct):
+    result: JobResult
+
+
+class CancelJob(msgspec.Struct):
+    request_id: str
+
+
+class Tick(msgspec.Struct):
+    pass
+
+
+class Drain(msgspec.Struct):
+    grace_s: float
+
+
+Event = Delivered | PullEnded | JobFinished | CancelJob | Tick | Drain
+
+
+class RunnerStats(msgspec.Struct, frozen=True):
+    model: str
+    state: str
+    max_concurrency: int
+    in_flight: int
+    credits: int
+    completed: int
+    failed: int
+    tokens_out: int
+    peak_in_flight: int
+    expired: int
+    naks: int
+    cancelled: int
+
+
+class RunnerSettings(msgspec.Struct, frozen=True):
+    ack_progress_s: float = 3.0
+    pull_expires_s: float = _PULL_EXPIRES_S
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        engine: Engine,
+        max_concurrency: int,
+        nc: Any,
+        worker_id: str,
+        settings: RunnerSettings | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.engine = engine
+        self.max_concurrency = max_concurrency
+        self.worker_id = worker_id
+        self.settings = settings or RunnerSettings()
+        self._nc = nc
+        self._inbox: asyncio.Queue[Event] = asyncio.Queue(maxsize=4 * max_concurrency + 256)
+        self._pull_prefix = f"{names.INBOX_ROOT}.w.{worker_id}.{names.escape_model(model_id)}"
+        self._next_api = (
+            f"$JS.API.CONSUMER.MSG.NEXT.{names.REQUEST_STREAM}.{names.consumer_name(model_id)}"
+        )
+        self._pull_ids = itertools.count(1)
+        self._pulls: OrderedDict[int, float] = OrderedDict()  # pull id -> expires at
+        self._jobs: dict[str, asyncio.Task[JobResult]] = {}
+        self._state = RunnerState.STARTING
+        self._tg: asyncio.TaskGroup | None = None
+        self._drain_deadline: float | None = None
+        self._completed = 0
+        self._failed = 0
+        self._tokens_out = 0
+        self._peak = 0
+        self._expired = 0
+        self._naks = 0
+        self._cancelled = 0
+
+    # ---- called from other tasks: only enqueue ---------------------------------------------
+
+    def post(self, ev: Event) -> None:
+        try:
+            self._inbox.put_nowait(ev)
+        except asyncio.QueueFull:
+            # Bounded by credits, so overflow means a bug. A dropped delivery is not lost:
+            # it was never acked, so the broker redelivers it after ack_wait.
+            log.error("runner %s inbox full; dropped %s", self.model_id, type(ev).__name__)
+
+    def stats(self) -> RunnerStats:
+        credits = len(self._pulls)
+        return RunnerStats(
+            model=self.model_id,
+            state=self._state.value,
+            max_concurrency=self.max_concurrency,
+            in_flight=len(self._jobs),
+            credits=credits,
+            completed=self._completed,
+            failed=self._failed,
+            tokens_out=self._tokens_out,
+            peak_in_flight=self._peak,
+            expired=self._expired,
+            naks=self._naks,
+            cancelled=self._cancelled,
+        )
+
+    async def _on_msg(self, msg: Any) -> None:
+        status = (msg.headers or {}).get("Status")
+        if status and not msg.data:
+            if status != "100":  # 100 = idle heartbeat, not the end of a pull
+                try:
+                    pull_id = int(msg.subject.rsplit(".", 1)[1])
+                except (ValueError, IndexError):
+                    return
+                self.post(PullEnded(pull_id, status))
+            return
+        self.post(Delivered(0, msg))
+
+    # ---- the owner ---------------------------------------------------------------------
+
+    async def run(self, ready: asyncio.Future[None]) -> None:
+        sub = await self._nc.subscribe(self._pull_prefix + ".*", cb=self._on_msg)
+        await flush(self._nc)
+        self._state = RunnerState.READY
+        ready.set_result(None)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                ticker = tg.create_task(self._tick())
+                self._tg = tg
+                while self._state is not RunnerState.STOPPED:
+                    await self._top_up()
+                    ev = await self._inbox.get()
+                    await self._handle(ev)
+                ticker.cancel()
+        finally:
+            self._state = RunnerState.STOPPED
+            await sub.unsubscribe()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK_S)
+            self.post(Tick())
+
+    async def _top_up(self) -> None:
+        n = pull_batch(self.max_concurrency, len(self._jobs), len(self._pulls), self._state)
+        if n <= 0:
+            return
+        expires = self.settings.pull_expires_s
+        deadline = asyncio.get_running_loop().time() + expires
+        body = b'{"batch":1,"expires":%d}' % int(expires * 1e9)
+        for _ in range(n):
+            pull_id = next(self._pull_ids)
+            self._pulls[pull_id] = deadline
+            await self._nc.publish(self._next_api, body, reply=f"{self._pull_prefix}.{pull_id}")
+
+    async def _handle(self, ev: Event) -> None:
+        match ev:
+            case Delivered(msg=msg):
+                if self._pulls:
+                    self._pulls.popitem(last=False)
+                await self._on_delivered(msg)
+            case PullEnded(pull_id=pid):
+                if self._pulls.pop(pid, None) is None and self._pulls:
+                    self._pulls.popitem(last=False)
+            case JobFinished(result=res):
+                self._jobs.pop(res.request_id, None)
+                if res.ok:
+                    self._completed += 1
+                    self._tokens_out += res.tokens_out
+                else:
+                    self._failed += 1
+                self._maybe_stopped()
+            case CancelJob(request_id=rid):
+                task = self._jobs.get(rid)
+                if task is not None:
+                    self._cancelled += 1
+                    task.cancel()
+            case Tick():
+                self._on_tick()
+            case Drain(grace_s=grace):
+                if self._state is RunnerState.READY:
+                    self._state = RunnerState.DRAINING
+                    loop = asyncio.get_running_loop()
+                    self._drain_deadline = loop.time() + grace
+                self._maybe_stopped()
+
+    def _on_tick(self) -> None:
+        now = asyncio.get_running_loop().time()
+        # A pull request the server never answered (reconnect, restart) is forgotten.
+        # A late status for it would close one live pull too early: then at worst one
+        # message too many arrives, and admission gives it straight back (NAK).
+        for pid in [k for k, exp in self._pulls.items() if now > exp + 5.0]:
+            del self._pulls[pid]
+        if self._drain_deadline is not None and now > self._drain_deadline:
+            for task in self._jobs.values():
+                task.cancel()
+
+    def _maybe_stopped(self) -> None:
+        if self._state is RunnerState.DRAINING and not self._jobs:
+            self._state = RunnerState.STOPPED
+
+    async def _on_delivered(self, msg: Any) -> None:
+        info = parse_ack_subject(msg.reply or "")
+        queued_ms = None
+        if info is not None:
+            queued_ms = max(0.0, (p.now_ms() * 1e6 - info.timestamp_ns) / 1e6)
+        try:
+            spec = read_job(msg.headers, msg.data, queued_ms)
+        except BadMessage as bad:
+            await self._nc.publish(msg.reply, b"+TERM")
+            if bad.reply:
+                await send_rejection(self._nc, bad.reply, InvalidRequest(bad.reason))
+            return
+        decision = admit(
+            state=self._state,
+            running=len(self._jobs),
+            max_concurrency=self.max_concurrency,
+            start_by_ms=spec.start_by_ms,
+            now_ms=p.now_ms(),
+            readable=True,
+        )
+        match decision:
+            case Admission.NAK:
+                self._naks += 1
+                await self._nc.publish(msg.reply, b"-NAK")
+            case Admission.EXPIRED:
+                self._expired += 1
+                await self._nc.publish(msg.reply, b"+ACK")
+                await send_rejection(
+                    self._nc,
+                    spec.reply,
+                    GatewayTimeout("The request waited in the queue past its start-by time."),
+                )
+            case Admission.REJECT:
+                await self._nc.publish(msg.reply, b"+TERM")
+            case Admission.RUN:
+                self._start(spec, msg.reply)
+
+    def _start(self, spec: JobSpec, ack_subject: str) -> None:
+        nc = self._nc
+        progress_s = self.settings.ack_progress_s
+
+        acked = asyncio.Event()
+
+        async def keep_alive() -> None:
+            # Until the first token, tell the broker we are working on it; if this worker
+            # dies now, the message is redelivered to another worker after ack_wait.
+            while not acked.is_set():
+                try:
+                    await asyncio.wait_for(acked.wait(), progress_s)
+                except TimeoutError:
+                    await nc.publish(ack_subject, b"+WPI")
+
+        async def on_started() -> None:
+            if not acked.is_set():
+                acked.set()
+                await nc.publish(ack_subject, b"+ACK")
+
+        async def job() -> JobResult:
+            async with asyncio.TaskGroup() as tg:
+                ka = tg.create_task(keep_alive())
+                try:
+                    return await run_job(
+                        spec,
+                        engine=self.engine,
+                        nc=nc,
+                        worker=self.worker_id,
+                        model=self.model_id,
+                        on_started=on_started,
+                    )
+                finally:
+                    ka.cancel()
+
+        assert self._tg is not None
+        task = self._tg.create_task(job())
+        self._jobs[spec.request_id] = task
+        self._peak = max(self._peak, len(self._jobs))
+
+        def done(t: asyncio.Task[JobResult]) -> None:
+            if t.cancelled() or t.exception() is not None:
+                res = JobResult(spec.request_id, ok=False)
+            else:
+                res = t.result()
+            self.post(JobFinished(res))
+
+        task.add_done_callback(done)
+
+    def drain(self, grace_s: float) -> None:
+        self.post(Drain(grace_s))
+
+    def cancel(self, request_id: str) -> None:
+        self.post(CancelJob(request_id))

@@ -1,0 +1,187 @@
+"""The worker process's composition root: one NATS connection, one runner per model,
+the announcer, and the control subscription. SIGTERM (or a remote `drain`) = drain.
+
+Lifecycle: STARTING -> READY -> DRAINING -> STOPPED. Announcements carry the state; a
+final `stopped` announcement removes the worker from every gateway's catalog at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from typing import Any
+
+import msgspec
+
+from common import __version__, names
+from common import protocol as p
+from common.natsconn import close, connect, flush, jetstream
+from common.queue import QueueSettings, ensure_consumer, ensure_stream
+from worker.engine import Engine
+from worker.runner import ModelRunner, RunnerSettings
+
+log = logging.getLogger(__name__)
+
+
+class ServedModel(msgspec.Struct):
+    model_id: str
+    engine: Engine
+    max_concurrency: int
+
+
+class WorkerSettings(msgspec.Struct, frozen=True):
+    nats_url: str
+    worker_id: str = ""
+    heartbeat_s: float = 1.0
+    drain_grace_s: float = 30.0
+    queue: QueueSettings = QueueSettings()
+    runner: RunnerSettings = RunnerSettings()
+
+
+def default_worker_id() -> str:
+    host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40]
+    return f"{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, models: list[ServedModel]) -> None:
+        if not models:
+            raise ValueError("a worker needs at least one model")
+        self.settings = settings
+        self.worker_id = names.check_worker_id(settings.worker_id or default_worker_id())
+        self.models = models
+        self.runners: list[ModelRunner] = []
+        self.state = "starting"
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self._nc: Any = None
+
+    def announcement(self) -> p.WorkerAnnounce:
+        stats = [r.stats() for r in self.runners]
+        cards = {m.model_id: m.engine.card() for m in self.models}
+        return p.WorkerAnnounce(
+            worker=self.worker_id,
+            host=socket.gethostname(),
+            version=__version__,
+            state=self.state,
+            ttl_s=self.settings.heartbeat_s * 3.5,
+            started_at=self.started_at,
+            models=[
+                p.ModelStatus(
+                    id=s.model,
+                    engine=cards[s.model].engine,
+                    max_concurrency=s.max_concurrency,
+                    in_flight=s.in_flight,
+                    owned_by=cards[s.model].owned_by,
+                    created=int(self.started_at),
+                    simulated=cards[s.model].simulated,
+                    description=cards[s.model].description,
+                )
+                for s in stats
+            ],
+            completed=sum(s.completed for s in stats),
+            failed=sum(s.failed for s in stats),
+            tokens_out=sum(s.tokens_out for s in stats),
+            peak_in_flight=max((s.peak_in_flight for s in stats), default=0),
+        )
+
+    async def _announce(self) -> None:
+        if self._nc is not None and self._nc.is_connected:
+            subject = names.heartbeat_subject(self.worker_id)
+            await self._nc.publish(subject, p.encode(self.announcement()))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await self._announce()
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _on_control(self, msg: Any) -> None:
+        try:
+            cmd = p.decode_control(msg.data)
+        except msgspec.DecodeError:
+            log.warning("ignored unreadable control message")
+            return
+        match cmd:
+            case p.Cancel(request_id=rid):
+                for r in self.runners:
+                    r.cancel(rid)
+            case p.DrainCommand():
+                self.request_drain()
+
+    async def _on_discover(self, msg: Any) -> None:
+        await self._announce()
+
+    def request_drain(self) -> None:
+        self._stop.set()
+
+    async def run(self, ready: asyncio.Future[None] | None = None) -> None:
+        s = self.settings
+        nc = await connect(s.nats_url, name=f"llmfleet-worker-{self.worker_id}")
+        self._nc = nc
+        try:
+            js = jetstream(nc)
+            await ensure_stream(js, s.queue)
+            for m in self.models:
+                await ensure_consumer(js, m.model_id, s.queue)
+                await m.engine.start()
+            await self._serve(nc, ready)
+        finally:
+            for m in self.models:
+                await m.engine.aclose()
+            await close(nc)
+
+    async def _serve(self, nc: Any, ready: asyncio.Future[None] | None) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+            runner_tasks = []
+            for m in self.models:
+                runner = ModelRunner(
+                    model_id=m.model_id,
+                    engine=m.engine,
+                    max_concurrency=m.max_concurrency,
+                    nc=nc,
+                    worker_id=self.worker_id,
+                    settings=s.runner,
+                )
+                started: asyncio.Future[None] = loop.create_future()
+                runner_tasks.append(tg.create_task(runner.run(started)))
+                await started
+                self.runners.append(runner)
+            ctl = await nc.subscribe(names.control_subject(self.worker_id), cb=self._on_control)
+            disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=self._on_discover)
+            await flush(nc)
+            self.state = "ready"
+            beats = tg.create_task(self._heartbeats())
+            log.info(
+                "worker %s ready: %s",
+                self.worker_id,
+                ", ".join(f"{m.model_id} x{m.max_concurrency}" for m in self.models),
+            )
+            if ready is not None:
+                ready.set_result(None)
+            await self._stop.wait()
+            log.info("worker %s draining (grace %.0fs)", self.worker_id, s.drain_grace_s)
+            self.state = "draining"
+            await self._announce()
+            for r in self.runners:
+                r.drain(s.drain_grace_s)
+            await asyncio.gather(*runner_tasks)
+            await disc.unsubscribe()
+            await ctl.unsubscribe()
+            self.state = "stopped"
+            beats.cancel()
+            await self._announce()
+            log.info("worker %s stopped", self.worker_id)
+
+
+def install_drain_signals(worker: Worker) -> None:
+    """SIGTERM and SIGINT start a drain; a second SIGINT is left to the default handler."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_drain)
