@@ -7,6 +7,7 @@ max batch size) are checked by `gateway.validate`, not here.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -123,14 +124,18 @@ def prompt_texts(prompt: str | list[str | int | list[int]]) -> list[str] | list[
     raise ValueError("must be a string, a list of strings, or token ids, not a mix")
 
 
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
 def validation_param(exc: msgspec.ValidationError) -> str | None:
     """The parameter a msgspec validation error points at (`... - at `$.max_tokens``)."""
     text = str(exc)
     marker = "at `$."
     i = text.rfind(marker)
-    if i < 0:
-        return None
-    path = text[i + len(marker) :].rstrip("`")
+    path = text[i + len(marker) :].rstrip("`") if i >= 0 else ""
+    missing = _MISSING.search(text)
+    if missing:
+        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
     return path or None
 
 

@@ -65,6 +65,10 @@ class JobResult(msgspec.Struct, frozen=True):
     tokens_out: int = 0
 
 
+class _Failed(msgspec.Struct):
+    exc: Exception
+
+
 class BadMessage(Exception):
     """A delivered message that is not a readable llmfleet request."""
 
@@ -159,12 +163,17 @@ async def _pump(
     on_first: Callable[[], Awaitable[None]],
 ) -> p.Usage:
     """Stream engine output to `out`, coalescing whatever piled up since the last send."""
-    queue: asyncio.Queue[EngineEvent | None] = asyncio.Queue(_QUEUE_MAX)
+    queue: asyncio.Queue[EngineEvent | _Failed | None] = asyncio.Queue(_QUEUE_MAX)
     usage = p.Usage()
+    failure: BaseException | None = None
 
     async def produce() -> None:
-        async for ev in events:
-            await queue.put(ev)
+        try:
+            async for ev in events:
+                await queue.put(ev)
+        except Exception as exc:  # handed to the consumer, raised there as itself
+            await queue.put(_Failed(exc))
+            return
         await queue.put(None)
 
     first = True
@@ -172,13 +181,16 @@ async def _pump(
         tg.create_task(produce())
         finished = False
         while not finished:
-            batch: list[EngineEvent | None] = [await queue.get()]
+            batch: list[EngineEvent | _Failed | None] = [await queue.get()]
             while len(batch) < _DRAIN_MAX and not queue.empty():
                 batch.append(queue.get_nowait())
             outputs: list[list[p.ChoiceDelta]] = []
             for ev in batch:
                 if ev is None:
                     finished = True
+                elif isinstance(ev, _Failed):
+                    finished = True
+                    failure = ev.exc
                 elif isinstance(ev, Output):
                     outputs.append(ev.choices)
                 else:
@@ -188,6 +200,8 @@ async def _pump(
                     first = False
                     await on_first()
                 await out.send(p.Delta(seq=out.next_seq(), choices=choices))
+    if failure is not None:
+        raise failure
     if first:
         await on_first()
     return usage
