@@ -214,6 +214,7 @@ class GatewayApp:
             else:
                 respond.cancel()
                 self.stats.disconnects += 1
+                log.debug("request %s: client disconnected", rid)
         if not sub.terminal:
             await self.dispatcher.cancel(sub)
 

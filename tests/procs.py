@@ -49,6 +49,7 @@ class Proc:
 class Gateway(Proc):
     def __init__(self, args: list[str], log_path: Path, port: int) -> None:
         super().__init__(args, log_path)
+        self.api_key = args[args.index("--api-key") + 1] if "--api-key" in args else "none"
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.base_url = self.url + "/v1"
@@ -90,7 +91,9 @@ class Fleet:
             try:
                 r = httpx.get(gw.url + "/readyz", timeout=1.0)
                 if r.status_code == 200:
-                    ids = {m["id"] for m in httpx.get(gw.base_url + "/models").json()["data"]}
+                    auth = {"authorization": f"Bearer {gw.api_key}"}
+                    listing = httpx.get(gw.base_url + "/models", headers=auth).json()
+                    ids = {m["id"] for m in listing["data"]}
                     if set(models) <= ids:
                         return
                     last = f"models so far: {sorted(ids)}"

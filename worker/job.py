@@ -242,6 +242,7 @@ async def run_job(
         await out.send(p.Done(seq=out.next_seq(), usage=usage))
         return JobResult(spec.request_id, ok=True, tokens_out=usage.completion_tokens)
     except asyncio.CancelledError:
+        log.debug("request %s cancelled", spec.request_id)
         # Cancelled (client gone, drain grace over): still end the stream properly.
         err = ServiceUnavailable("The request was cancelled on the worker.", code="cancelled")
         await asyncio.shield(_end_cancelled(first, out, err))
