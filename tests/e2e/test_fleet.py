@@ -122,8 +122,10 @@ async def test_queue_timeout_is_503_with_retry_after_and_never_runs(
             assert (await first).status_code == 200
         await asyncio.sleep(1.0)  # a withdrawn request must not run later
         await ann.wait_for(
-            lambda a: a.model(BUSY)[0][0].completed == before.completed + 1
-            and a.model(BUSY)[0][1].in_flight == 0
+            lambda a: (
+                a.model(BUSY)[0][0].completed == before.completed + 1
+                and a.model(BUSY)[0][1].in_flight == 0
+            )
         )
         await asyncio.sleep(2.0)
         ((after, _),) = ann.model(BUSY)

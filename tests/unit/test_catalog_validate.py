@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+
+from common import protocol as p
+from common.errors import InvalidRequest
+from gateway.catalog import apply_announce, build_snapshot, expire
+from gateway.validate import Limits, parse
+
+
+def _ann(worker: str, state: str = "ready", models: tuple[str, ...] = ("m",)) -> p.WorkerAnnounce:
+    return p.WorkerAnnounce(
+        worker=worker,
+        host="h",
+        version="1",
+        state=state,
+        ttl_s=3.0,
+        started_at=0.0,
+        models=[p.ModelStatus(id=m, engine="sim", max_concurrency=2, created=10) for m in models],
+    )
+
+
+def test_catalog_groups_workers_by_model_and_expires() -> None:
+    t = apply_announce({}, _ann("a"), now=0.0)
+    t = apply_announce(t, _ann("b", models=("m", "n")), now=1.0)
+    snap = build_snapshot(t)
+    assert set(snap.models) == {"m", "n"}
+    assert snap.models["m"].workers == ("a", "b") and snap.models["m"].slots == 4
+    snap = build_snapshot(expire(t, now=3.5))  # a expired at 3.0, b lives to 4.0
+    assert snap.models["m"].workers == ("b",)
+    assert build_snapshot(expire(t, now=5.0)).models == {}
+
+
+def test_catalog_stopped_removes_and_draining_adds_no_slots() -> None:
+    t = apply_announce({}, _ann("a"), now=0.0)
+    t = apply_announce(t, _ann("b", state="draining"), now=0.0)
+    assert build_snapshot(t).models["m"].slots == 2
+    t = apply_announce(t, _ann("a", state="stopped"), now=0.1)
+    assert build_snapshot(t).models["m"].workers == ("b",)
+
+
+LIMITS = Limits(max_tokens=100, max_n=4, max_messages=3, max_embedding_inputs=2)
+
+
+def test_parse_chat() -> None:
+    body = (
+        b'{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,'
+        b'"stream_options":{"include_usage":true},"n":2}'
+    )
+    got = parse("chat", body, LIMITS)
+    assert (got.op, got.model, got.stream, got.include_usage, got.n) == ("chat", "m", True, True, 2)
+    assert got.body == body
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "param"),
+    [
+        ("chat", b'{"model":"m","messages":[{"role":"user"}],"max_tokens":101}', "max_tokens"),
+        ("chat", b'{"model":"m","messages":[{"role":"user"}],"n":5}', "n"),
+        ("chat", b'{"model":"","messages":[{"role":"user"}]}', "model"),
+        (
+            "chat",
+            b'{"model":"m","messages":[' + b'{"role":"user"},' * 3 + b'{"role":"user"}]}',
+            "messages",
+        ),
+        ("completion", b'{"model":"m","prompt":["a",1]}', "prompt"),
+        ("completion", b'{"model":"m","prompt":["a","b","c"],"n":2}', "prompt"),
+        ("embedding", b'{"model":"m","input":["a","b","c"]}', "input"),
+        ("embedding", b'{"model":"m","input":""}', "input"),
+        ("embedding", b'{"model":"m","input":"x","encoding_format":"hex"}', "encoding_format"),
+    ],
+)
+def test_parse_rejects_with_param(op: str, body: bytes, param: str) -> None:
+    with pytest.raises(InvalidRequest) as e:
+        parse(op, body, LIMITS)
+    assert e.value.param == param
+    assert e.value.status == 400
+
+
+def test_parse_embedding_token_inputs() -> None:
+    assert parse("embedding", b'{"model":"m","input":[1,2,3]}', LIMITS).op == "embedding"
+    assert parse("embedding", b'{"model":"m","input":[[1],[2]]}', LIMITS).n == 1

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from common.protocol import ChoiceDelta
+from worker.decide import (
+    Admission,
+    RunnerState,
+    admit,
+    coalesce,
+    parse_ack_subject,
+    pull_batch,
+)
+
+READY = RunnerState.READY
+
+
+def test_pull_batch_never_overcommits() -> None:
+    assert pull_batch(4, 0, 0, READY) == 4
+    assert pull_batch(4, 3, 1, READY) == 0
+    assert pull_batch(4, 1, 1, READY) == 2
+    assert pull_batch(2, 5, 0, READY) == 0
+    assert pull_batch(4, 0, 0, RunnerState.DRAINING) == 0
+    assert pull_batch(4, 0, 0, RunnerState.STARTING) == 0
+
+
+def test_admit() -> None:
+    kw = {"running": 0, "max_concurrency": 2, "start_by_ms": None, "now_ms": 1000}
+    assert admit(state=READY, readable=True, **kw) is Admission.RUN  # type: ignore[arg-type]
+    assert admit(state=READY, readable=False, **kw) is Admission.REJECT  # type: ignore[arg-type]
+    assert (
+        admit(state=RunnerState.DRAINING, readable=True, **kw)  # type: ignore[arg-type]
+        is Admission.NAK
+    )
+    full = {**kw, "running": 2}
+    assert admit(state=READY, readable=True, **full) is Admission.NAK  # type: ignore[arg-type]
+    late = {**kw, "start_by_ms": 999}
+    assert admit(state=READY, readable=True, **late) is Admission.EXPIRED  # type: ignore[arg-type]
+    on_time = {**kw, "start_by_ms": 1000}
+    assert admit(state=READY, readable=True, **on_time) is Admission.RUN  # type: ignore[arg-type]
+
+
+def test_parse_ack_subject_v1_and_v2() -> None:
+    v1 = parse_ack_subject("$JS.ACK.S.C.2.17.5.1700000000000000000.9")
+    assert v1 is not None
+    assert (v1.stream, v1.consumer, v1.delivered, v1.stream_seq, v1.pending) == ("S", "C", 2, 17, 9)
+    assert v1.timestamp_ns == 1700000000000000000
+    v2 = parse_ack_subject("$JS.ACK.dom.HASH.S.C.1.3.3.1700000000000000001.0.tok")
+    assert v2 is not None and v2.stream == "S" and v2.stream_seq == 3
+    assert parse_ack_subject("_INBOX.x") is None
+    assert parse_ack_subject("$JS.ACK.S.C.x.1.1.1.1") is None
+
+
+def _d(i: int, text: str | None = None, **kw: object) -> ChoiceDelta:
+    return ChoiceDelta(index=i, content=text, **kw)  # type: ignore[arg-type]
+
+
+def test_coalesce_merges_text_of_each_choice() -> None:
+    out = coalesce([[_d(0, "a")], [_d(0, "b")], [_d(1, "x")], [_d(0, "c", finish_reason="stop")]])
+    assert out == [[_d(0, "abc", finish_reason="stop"), _d(1, "x")]]
+
+
+def test_coalesce_keeps_tool_calls_and_finished_choices_apart() -> None:
+    tc = [{"index": 0, "function": {"arguments": "{"}}]
+    out = coalesce([[_d(0, "a", finish_reason="stop")], [_d(0, "b")], [_d(0, tool_calls=tc)]])
+    assert out == [[_d(0, "a", finish_reason="stop")], [_d(0, "b")], [_d(0, tool_calls=tc)]]
+
+
+def test_coalesce_preserves_all_text() -> None:
+    batches = [[_d(i % 3, str(i))] for i in range(50)]
+    out = coalesce(batches)
+    for c in range(3):
+        merged = "".join(d.content or "" for msg in out for d in msg if d.index == c)
+        assert merged == "".join(str(i) for i in range(50) if i % 3 == c)
+
+
+def test_coalesce_caps_message_size() -> None:
+    big = "x" * 40_000
+    out = coalesce([[_d(0, big)], [_d(0, big)]])
+    assert len(out) == 2
