@@ -33,7 +33,7 @@ class QueueSettings(msgspec.Struct, frozen=True):
     max_bytes: int = 512 * 1024 * 1024
     max_age_s: float = 3600.0
     duplicate_window_s: float = 120.0
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = 10.0
     storage: str = "memory"
 
 
@@ -53,13 +53,26 @@ def stream_config(settings: QueueSettings) -> StreamConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext, settings: QueueSettings) -> None:
-    """Create the request stream unless it exists (an existing one is left as configured)."""
+async def ensure_stream(
+    js: JetStreamContext, settings: QueueSettings, *, update: bool = False
+) -> None:
+    """Create the request stream unless it exists.
+
+    Gateways own queue policy: with `update=True` an existing stream whose limits differ
+    from `settings` is updated to them. Workers pass `update=False` and leave it alone.
+    """
     try:
-        await js.stream_info(names.REQUEST_STREAM)
+        info = await js.stream_info(names.REQUEST_STREAM)
     except NotFoundError:
         await js.add_stream(stream_config(settings))
         log.info("created stream %s", names.REQUEST_STREAM)
+        return
+    cfg = info.config
+    wanted = (settings.max_per_model, settings.max_bytes)
+    if update and (cfg.max_msgs_per_subject, cfg.max_bytes) != wanted:
+        cfg.max_msgs_per_subject, cfg.max_bytes = wanted
+        await js.update_stream(cfg)
+        log.info("updated stream %s limits to %s", names.REQUEST_STREAM, wanted)
 
 
 def consumer_config(model_id: str, settings: QueueSettings) -> ConsumerConfig:

@@ -97,7 +97,7 @@ class Catalog:
     """Owner of the worker table. Feed it with `post_announce` (from the NATS callback)."""
 
     def __init__(self, tick_s: float = 0.5) -> None:
-        self._inbox: asyncio.Queue[p.WorkerAnnounce | None] = asyncio.Queue(maxsize=10_000)
+        self._inbox: asyncio.Queue[p.WorkerAnnounce] = asyncio.Queue(maxsize=10_000)
         self._table: dict[str, _Seen] = {}
         self.snapshot: CatalogSnapshot = EMPTY
         self._tick_s = tick_s
@@ -114,10 +114,10 @@ class Catalog:
 
     async def run(self) -> None:
         while True:
-            try:
-                ev = await asyncio.wait_for(self._inbox.get(), self._tick_s)
-            except TimeoutError:
-                ev = None
+            ev: p.WorkerAnnounce | None = None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._tick_s):
+                    ev = await self._inbox.get()
             now = time.monotonic()
             table = expire(self._table, now)
             if ev is not None:

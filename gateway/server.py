@@ -65,7 +65,7 @@ class Gateway:
         nc = await connect(s.nats_url, name=f"llmfleet-gateway-{self.gateway_id}")
         try:
             js = jetstream(nc)
-            await ensure_stream(js, s.queue)
+            await ensure_stream(js, s.queue, update=True)
             await self._serve(nc, js, ready)
         finally:
             await close(nc)

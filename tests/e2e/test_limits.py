@@ -1,10 +1,12 @@
 """A bounded per-model queue (429 + Retry-After, nothing lost) and API-key auth.
 
-Own module, so its broker's request stream is created by a gateway with a tiny bound."""
+Own module and broker: the worker creates the request stream with default limits, and the
+gateway (which owns queue policy) tightens them to its --max-queue."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
@@ -18,13 +20,14 @@ KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def gw(fleet: Fleet) -> Gateway:
-    gw = fleet.gateway("--max-queue", "2", "--api-key", KEY, "--queue-timeout", "30")
     fleet.worker(
         "--model", MODEL, "--max-concurrency", "1",
         "--sim-ttft-ms", "300", "--sim-itl-ms", "1", "--sim-tokens", "2",
     )  # fmt: skip
-    fleet.wait_ready(gw, (MODEL,))
-    return gw
+    time.sleep(1.0)  # let the worker create the stream first
+    return fleet.gateway(
+        "--max-queue", "2", "--api-key", KEY, "--queue-timeout", "30", wait_models=(MODEL,)
+    )
 
 
 async def test_full_queue_is_429_and_nothing_is_lost(gw: Gateway) -> None:
