@@ -101,12 +101,13 @@ def _gateway_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(p, "--port", 8080, "HTTP port", int)
     add(p, "--api-key", "", "require this bearer token from clients (empty: no auth)")
     add(p, "--queue-timeout", 60.0, "seconds a request may wait for a free worker", float)
-    add(p, "--idle-timeout", 300.0, "seconds without a reply message before giving up", float)
+    add(p, "--stall-timeout", 5.0, "seconds a silent worker gets before a stream fails", float)
     add(p, "--request-timeout", 600.0, "default and maximum total seconds per request", float)
     add(p, "--max-body-bytes", 4 * 1024 * 1024, "largest accepted request body", int)
     add(p, "--max-tokens-limit", 32768, "largest max_tokens accepted", int)
     add(p, "--max-n", 16, "largest n accepted", int)
     add(p, "--max-queue", 10000, "requests that may wait per model (more: 429)", int)
+    add(p, "--stream-replicas", 1, "replicas of the request stream (3 on a cluster)", int)
 
 
 def _worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
@@ -130,6 +131,14 @@ def _worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(p, "--worker-id", "", "worker id (default: host-pid-random)")
     add(p, "--heartbeat", 1.0, "seconds between catalog announcements", float)
     add(p, "--drain-grace", 30.0, "seconds in-flight requests get on SIGTERM", float)
+    if with_nats:
+        add(
+            p,
+            "--stream-replicas",
+            1,
+            "replicas of the request stream, if this worker creates it",
+            int,
+        )
     g = p.add_argument_group("sim engine")
     add(g, "--sim-ttft-ms", 20.0, "simulated time to first token", float)
     add(g, "--sim-itl-ms", 5.0, "simulated inter-token latency", float)
@@ -172,6 +181,7 @@ def _models(args: argparse.Namespace) -> list[str]:
 
 
 def build_worker(args: argparse.Namespace, nats_url: str) -> Any:
+    from common.queue import QueueSettings  # noqa: PLC0415
     from worker.engines import build_engine  # noqa: PLC0415
     from worker.service import ServedModel, Worker, WorkerSettings  # noqa: PLC0415
 
@@ -187,6 +197,7 @@ def build_worker(args: argparse.Namespace, nats_url: str) -> Any:
         worker_id=args.worker_id,
         heartbeat_s=args.heartbeat,
         drain_grace_s=args.drain_grace,
+        queue=QueueSettings(replicas=getattr(args, "stream_replicas", 1)),
     )
     return Worker(settings, served)
 
@@ -210,10 +221,13 @@ def build_gateway(args: argparse.Namespace, nats_url: str) -> Any:
             ),
             dispatch=DispatchSettings(
                 queue_timeout_s=getattr(args, "queue_timeout", 60.0),
-                idle_timeout_s=getattr(args, "idle_timeout", 300.0),
+                stall_timeout_s=getattr(args, "stall_timeout", 5.0),
                 request_timeout_s=getattr(args, "request_timeout", 600.0),
             ),
-            queue=QueueSettings(max_per_model=getattr(args, "max_queue", 10000)),
+            queue=QueueSettings(
+                max_per_model=getattr(args, "max_queue", 10000),
+                replicas=getattr(args, "stream_replicas", 1),
+            ),
         )
     )
 

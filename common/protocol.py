@@ -10,11 +10,16 @@ request body exactly as it would be POSTed, and these headers describe it:
     Llmfleet-Start-By    unix ms; a worker that picks the request up later drops it (optional)
     Llmfleet-Deadline    unix ms; generation is cut off at this time (optional)
     traceparent          W3C trace context (optional)
+    Llmfleet-Body-Ref    LLMFLEET_BODIES/<name>: the body is in that object store, the
+                         payload is empty (for bodies over the broker's max_payload)
 
 Reply stream: JSON messages on the reply subject, each tagged by `type` and numbered by `seq`
 (0, 1, 2, ... per request): one `accepted`, then `delta` or `embedding` messages, then
-exactly one terminal `done` or `error`. An `error` may also come first (before `accepted`)
-when a worker rejects a message it cannot read.
+exactly one terminal `done` or `error`; `heartbeat` messages (not numbered) say the worker
+is alive while a stream is silent. An `error` may also come first (before `accepted`) when
+a worker rejects a message it cannot read, and a second `accepted` (from another worker)
+may follow the first before any content when the first worker died and the broker
+redelivered the request.
 
 Schema evolution: only by adding fields with defaults; decoders ignore unknown fields.
 """
@@ -38,6 +43,7 @@ H_START_BY = "Llmfleet-Start-By"
 H_DEADLINE = "Llmfleet-Deadline"
 H_TRACEPARENT = "traceparent"
 H_MSG_ID = "Nats-Msg-Id"
+H_BODY_REF = "Llmfleet-Body-Ref"
 
 OPS = ("chat", "completion", "embedding")
 
@@ -78,6 +84,16 @@ class Embedding(msgspec.Struct, tag="embedding", tag_field="type", omit_defaults
     embedding: list[float] | str
 
 
+class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", omit_defaults=True):
+    """Sent when a stream has been silent for a heartbeat interval (the worker is alive).
+
+    Not numbered itself: `last_seq` is the seq of the last numbered message sent, so a
+    receiver also notices a lost message while the stream is silent.
+    """
+
+    last_seq: int
+
+
 class Done(msgspec.Struct, tag="done", tag_field="type", omit_defaults=True):
     seq: int
     usage: Usage
@@ -89,7 +105,7 @@ class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
     error: ErrorBody
 
 
-Reply = Accepted | Delta | Embedding | Done | Error
+Reply = Accepted | Delta | Embedding | Heartbeat | Done | Error
 TERMINAL = (Done, Error)
 
 _reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
@@ -118,7 +134,16 @@ class DrainCommand(msgspec.Struct, tag="drain", tag_field="type"):
     """Sent to `llmfleet.ctl.<worker>`: stop taking work, finish what runs, exit."""
 
 
-Control = Cancel | DrainCommand
+class Ping(msgspec.Struct, tag="ping", tag_field="type"):
+    """A request to `llmfleet.ctl.<worker>`; a live worker answers `{"type":"pong"}`.
+
+    A dead worker's subject has no subscriber, so the requester gets no-responders at once.
+    """
+
+
+PONG = b'{"type":"pong"}'
+
+Control = Cancel | DrainCommand | Ping
 _control_decoder: msgspec.json.Decoder[Control] = msgspec.json.Decoder(Control)
 
 

@@ -33,8 +33,10 @@ class QueueSettings(msgspec.Struct, frozen=True):
     max_bytes: int = 512 * 1024 * 1024
     max_age_s: float = 3600.0
     duplicate_window_s: float = 120.0
-    ack_wait_s: float = 10.0
+    ack_wait_s: float = 5.0
+    max_deliver: int = 5
     storage: str = "memory"
+    replicas: int = 1
 
 
 def stream_config(settings: QueueSettings) -> StreamConfig:
@@ -49,7 +51,7 @@ def stream_config(settings: QueueSettings) -> StreamConfig:
         max_bytes=settings.max_bytes,
         max_age=settings.max_age_s,
         duplicate_window=settings.duplicate_window_s,
-        num_replicas=1,
+        num_replicas=settings.replicas,
     )
 
 
@@ -82,6 +84,7 @@ def consumer_config(model_id: str, settings: QueueSettings) -> ConsumerConfig:
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
         max_waiting=4096,
         max_ack_pending=-1,
         description=f"llmfleet requests for {model_id}",

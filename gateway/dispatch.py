@@ -23,6 +23,7 @@ import nats.js.errors
 
 from common import names
 from common import protocol as p
+from common.bodies import BodyStore
 from common.errors import (
     FleetError,
     PayloadTooLarge,
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 
 class DispatchSettings(msgspec.Struct, frozen=True):
     queue_timeout_s: float = 60.0
-    idle_timeout_s: float = 300.0
+    probe_after_s: float = 1.5
+    stall_timeout_s: float = 5.0
+    redelivery_wait_s: float = 8.0
     request_timeout_s: float = 600.0
     retry_after_s: float = 2.0
     publish_timeout_s: float = 5.0
@@ -98,14 +101,35 @@ class Submission:
         return msg
 
     async def next(self) -> p.Delta | p.Embedding | p.Done:
-        """The next content or `done` message; raises FleetError for `error` and faults."""
+        """The next content or `done` message; raises FleetError for `error` and faults.
+
+        Workers send a `heartbeat` when a stream is silent, so silence means trouble: after
+        `probe_after_s` the worker is pinged (a dead one answers no-responders at once),
+        and after `stall_timeout_s` it is given up on either way. A worker lost before any
+        content is not an error: the broker redelivers the un-acked request to another
+        worker, whose `accepted` the stream then continues with.
+        """
+        s = self._d.settings
+        loop = asyncio.get_running_loop()
+        silent_since = loop.time()
         while True:
             try:
-                msg = await self._get(self._d.settings.idle_timeout_s, "idle")
+                msg = await self._get(s.probe_after_s, "idle")
             except _Timeout:
-                raise UpstreamError(
-                    "The worker stopped sending within the idle timeout.", code="worker_timeout"
-                ) from None
+                alive = await self._d.probe(self.worker)
+                if alive is False or loop.time() - silent_since >= s.stall_timeout_s:
+                    await self._worker_lost()
+                silent_since = loop.time()
+                continue
+            silent_since = loop.time()
+            if isinstance(msg, p.Heartbeat):
+                if msg.last_seq != self._expect - 1:
+                    raise UpstreamError(
+                        f"Reply stream gap: {msg.last_seq + 1} messages sent, "
+                        f"{self._expect} received.",
+                        code="stream_gap",
+                    )
+                continue
             if isinstance(msg, p.Accepted):
                 if self.started:
                     raise UpstreamError("The request was restarted mid-stream by another worker.")
@@ -126,6 +150,26 @@ class Submission:
                 self.started = True
             return msg
 
+    async def _worker_lost(self) -> None:
+        log.warning("request %s: worker %s stopped responding", self.request_id, self.worker)
+        self._d.workers_lost += 1
+        if self.started:
+            raise UpstreamError(
+                "The worker serving this request stopped responding mid-stream.",
+                code="worker_lost",
+            )
+        self.worker = None
+        try:
+            msg = await self._get(self._d.settings.redelivery_wait_s, "redelivery")
+        except _Timeout:
+            raise ServiceUnavailable(
+                "The worker that took this request died and no other worker took it over.",
+                code="worker_lost",
+                retry_after=self._d.settings.retry_after_s,
+            ) from None
+        self._on_first(msg)
+        self._d.redelivered += 1
+
     def close(self) -> None:
         self._d.mux.close(self._rq)
 
@@ -135,14 +179,25 @@ class _Timeout(Exception):
 
 
 class Dispatcher:
-    def __init__(self, nc: Any, js: Any, mux: ReplyMux, settings: DispatchSettings) -> None:
+    def __init__(
+        self,
+        nc: Any,
+        js: Any,
+        mux: ReplyMux,
+        settings: DispatchSettings,
+        bodies: BodyStore | None = None,
+    ) -> None:
         self.nc = nc
         self.js = js
+        self.bodies = bodies
         self.mux = mux
         self.settings = settings
         self.published = 0
         self.rejected_full = 0
         self.queue_timeouts = 0
+        self.workers_lost = 0
+        self.by_reference = 0
+        self.redelivered = 0
 
     def _headers(
         self,
@@ -177,13 +232,19 @@ class Dispatcher:
         rq = self.mux.open()
         try:
             headers = self._headers(parsed, request_id, rq.subject, traceparent, timeout_s)
-            size = len(parsed.body) + header_bytes(headers)
+            payload = parsed.body
+            size = len(payload) + header_bytes(headers)
             if size > self.nc.max_payload:
-                raise PayloadTooLarge(
-                    f"Request of {size} bytes exceeds the fleet's message limit of "
-                    f"{self.nc.max_payload} bytes.",
-                )
-            seq = await self._publish(names.request_subject(parsed.model), parsed.body, headers)
+                if self.bodies is None:
+                    raise PayloadTooLarge(
+                        f"Request of {size} bytes exceeds the fleet's message limit of "
+                        f"{self.nc.max_payload} bytes.",
+                    )
+                # Too big for one message: pass the body by reference (object store).
+                headers[p.H_BODY_REF] = await self.bodies.put(request_id, payload)
+                payload = b""
+                self.by_reference += 1
+            seq = await self._publish(names.request_subject(parsed.model), payload, headers)
         except BaseException:
             self.mux.close(rq)
             raise
@@ -216,6 +277,18 @@ class Dispatcher:
                 "The request queue is unavailable.", retry_after=self.settings.retry_after_s
             ) from exc
         return int(ack.seq)
+
+    async def probe(self, worker: str | None) -> bool | None:
+        """Is `worker` alive? True (pong), False (no responders: gone), None (no answer)."""
+        if worker is None or not self.nc.is_connected:
+            return None
+        try:
+            await self.nc.request(names.control_subject(worker), p.encode(p.Ping()), timeout=0.5)
+        except nats.errors.NoRespondersError:
+            return False
+        except (nats.errors.Error, TimeoutError):
+            return None
+        return True
 
     async def withdraw(self, sub: Submission) -> None:
         """Take a not-yet-accepted request back out of the queue (best effort)."""

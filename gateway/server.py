@@ -17,6 +17,7 @@ import uvicorn
 
 from common import names
 from common import protocol as p
+from common.bodies import BodySettings, BodyStore
 from common.natsconn import close, connect, flush, jetstream
 from common.queue import QueueSettings, ensure_stream
 from gateway.app import GatewayApp
@@ -86,7 +87,9 @@ class Gateway:
         await mux.start()
         hb = await nc.subscribe(names.HEARTBEAT_PREFIX + "*", cb=on_heartbeat)
         await flush(nc)
-        dispatcher = Dispatcher(nc, js, mux, s.dispatch)
+        dispatcher = Dispatcher(
+            nc, js, mux, s.dispatch, BodyStore(js, BodySettings(replicas=s.queue.replicas))
+        )
 
         async def ready_check() -> bool:
             if not nc.is_connected:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import msgspec
 
 from common import protocol as p
+from common.bodies import BodyStore
 from common.errors import (
     FleetError,
     GatewayTimeout,
@@ -57,6 +59,7 @@ class JobSpec(msgspec.Struct, frozen=True):
     deadline_ms: int | None = None
     traceparent: str | None = None
     queued_ms: float | None = None
+    body_ref: str | None = None
 
 
 class JobResult(msgspec.Struct, frozen=True):
@@ -113,16 +116,24 @@ def read_job(headers: dict[str, str] | None, body: bytes, queued_ms: float | Non
         deadline_ms=_int_header(h, p.H_DEADLINE),
         traceparent=h.get(p.H_TRACEPARENT),
         queued_ms=queued_ms,
+        body_ref=h.get(p.H_BODY_REF) or None,
     )
 
 
 class ReplyWriter:
-    """Numbers and publishes one request's reply stream."""
+    """Numbers and publishes one request's reply stream.
 
-    def __init__(self, nc: Publisher, subject: str) -> None:
+    With `watch` set, every message carries it as its reply subject: if nobody listens on
+    the reply stream any more (the gateway died), the broker answers no-responders there
+    and the runner cancels the job.
+    """
+
+    def __init__(self, nc: Publisher, subject: str, watch: str = "") -> None:
         self._nc = nc
         self.subject = subject
+        self.watch = watch
         self.seq = 0
+        self.last_sent = 0.0
 
     def next_seq(self) -> int:
         s = self.seq
@@ -130,7 +141,11 @@ class ReplyWriter:
         return s
 
     async def send(self, msg: msgspec.Struct) -> None:
-        await self._nc.publish(self.subject, p.encode(msg))
+        self.last_sent = time.monotonic()
+        await self._nc.publish(self.subject, p.encode(msg), reply=self.watch)
+
+    async def heartbeat(self) -> None:
+        await self.send(p.Heartbeat(last_seq=self.seq - 1))
 
     async def accepted(self, spec: JobSpec, worker: str, model: str) -> None:
         await self.send(
@@ -207,29 +222,49 @@ async def _pump(
     return usage
 
 
-async def run_job(
-    spec: JobSpec,
-    *,
-    engine: Engine,
-    nc: Publisher,
-    worker: str,
-    model: str,
-    on_started: Callable[[], Awaitable[None]],
-) -> JobResult:
+class JobHandle:
+    """What a job shares with its runner: the reply writer and the broker-ack state.
+
+    The runner's tick calls `keep_alive`: until the first output the broker hears `+WPI`
+    (so a live worker keeps the message), and a silent stream gets a `heartbeat`.
+    """
+
+    def __init__(
+        self,
+        nc: Publisher,
+        spec: JobSpec,
+        ack_subject: str,
+        watch: str,
+        bodies: BodyStore | None = None,
+    ) -> None:
+        self._nc = nc
+        self.spec = spec
+        self.bodies = bodies
+        self.ack_subject = ack_subject
+        self.writer = ReplyWriter(nc, spec.reply, watch)
+        self.acked = False
+
+    async def ack(self) -> None:
+        if not self.acked:
+            self.acked = True
+            await self._nc.publish(self.ack_subject, b"+ACK")
+
+    async def keep_alive(self, heartbeat_s: float) -> None:
+        if not self.acked:
+            await self._nc.publish(self.ack_subject, b"+WPI")
+        if time.monotonic() - self.writer.last_sent >= heartbeat_s:
+            await self.writer.heartbeat()
+
+
+async def run_job(handle: JobHandle, *, engine: Engine, worker: str, model: str) -> JobResult:
     """Run one accepted request to its terminal reply. Never raises (except cancellation).
 
-    `on_started` is awaited once, just before the first output or terminal message is
-    sent: the runner acks the broker message there, so a worker that dies before its first
-    token leaves the request to be redelivered to another worker.
+    The broker message is acked just before the first output or terminal message, so a
+    worker that dies before its first token leaves the request to be redelivered.
     """
-    out = ReplyWriter(nc, spec.reply)
-    started = False
-
-    async def first() -> None:
-        nonlocal started
-        if not started:
-            started = True
-            await on_started()
+    spec = handle.spec
+    out = handle.writer
+    first = handle.ack
 
     await out.accepted(spec, worker, model)
     try:
@@ -238,6 +273,8 @@ async def run_job(
             remaining = (spec.deadline_ms - p.now_ms()) / 1000.0
             timeout_at = asyncio.get_running_loop().time() + remaining
         async with asyncio.timeout_at(timeout_at):
+            if spec.body_ref is not None:
+                spec = await _load_body(handle)
             usage = await _execute(spec, engine, out, first)
         await out.send(p.Done(seq=out.next_seq(), usage=usage))
         return JobResult(spec.request_id, ok=True, tokens_out=usage.completion_tokens)
@@ -258,6 +295,17 @@ async def run_job(
         await first()
         await out.error(InternalError("The worker failed while generating."))
     return JobResult(spec.request_id, ok=False)
+
+
+async def _load_body(handle: JobHandle) -> JobSpec:
+    """Fetch a body passed by reference (and delete it: it is read exactly once)."""
+    ref = handle.spec.body_ref
+    assert ref is not None
+    if handle.bodies is None:
+        raise InternalError("This worker cannot read bodies passed by reference.")
+    body = await handle.bodies.get(ref)
+    await handle.bodies.delete(ref)
+    return msgspec.structs.replace(handle.spec, body=body, body_ref=None)
 
 
 async def _execute(

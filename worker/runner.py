@@ -25,16 +25,25 @@ import msgspec
 
 from common import names
 from common import protocol as p
+from common.bodies import BodyStore
 from common.errors import GatewayTimeout, InvalidRequest
 from common.natsconn import flush
 from worker.decide import Admission, RunnerState, admit, parse_ack_subject, pull_batch
 from worker.engine import Engine
-from worker.job import BadMessage, JobResult, JobSpec, read_job, run_job, send_rejection
+from worker.job import (
+    BadMessage,
+    JobHandle,
+    JobResult,
+    JobSpec,
+    read_job,
+    run_job,
+    send_rejection,
+)
 
 log = logging.getLogger(__name__)
 
 _PULL_EXPIRES_S = 10.0
-_TICK_S = 1.0
+_TICK_S = 0.5
 
 
 class Delivered(msgspec.Struct):
@@ -59,11 +68,21 @@ class Tick(msgspec.Struct):
     pass
 
 
+class Reconnected(msgspec.Struct):
+    """The NATS connection was re-established: pull requests from before are gone."""
+
+
+class ListenerGone(msgspec.Struct):
+    """No-responders for a job's reply stream: nobody reads it any more."""
+
+    token: str
+
+
 class Drain(msgspec.Struct):
     grace_s: float
 
 
-Event = Delivered | PullEnded | JobFinished | CancelJob | Tick | Drain
+Event = Delivered | PullEnded | JobFinished | CancelJob | Tick | Drain | Reconnected | ListenerGone
 
 
 class RunnerStats(msgspec.Struct, frozen=True):
@@ -79,10 +98,11 @@ class RunnerStats(msgspec.Struct, frozen=True):
     expired: int
     naks: int
     cancelled: int
+    listener_gone: int
 
 
 class RunnerSettings(msgspec.Struct, frozen=True):
-    ack_progress_s: float = 3.0
+    heartbeat_s: float = 1.0
     pull_expires_s: float = _PULL_EXPIRES_S
 
 
@@ -96,7 +116,9 @@ class ModelRunner:
         nc: Any,
         worker_id: str,
         settings: RunnerSettings | None = None,
+        bodies: BodyStore | None = None,
     ) -> None:
+        self._bodies = bodies
         self.model_id = model_id
         self.engine = engine
         self.max_concurrency = max_concurrency
@@ -110,7 +132,9 @@ class ModelRunner:
         )
         self._pull_ids = itertools.count(1)
         self._pulls: OrderedDict[int, float] = OrderedDict()  # pull id -> expires at
-        self._jobs: dict[str, asyncio.Task[JobResult]] = {}
+        self._jobs: dict[str, tuple[asyncio.Task[JobResult], JobHandle]] = {}
+        self._watch: dict[str, str] = {}  # no-responders token -> request id
+        self._tokens = itertools.count(1)
         self._state = RunnerState.STARTING
         self._tg: asyncio.TaskGroup | None = None
         self._drain_deadline: float | None = None
@@ -121,6 +145,7 @@ class ModelRunner:
         self._expired = 0
         self._naks = 0
         self._cancelled = 0
+        self._listener_gone = 0
 
     # ---- called from other tasks: only enqueue ---------------------------------------------
 
@@ -147,17 +172,21 @@ class ModelRunner:
             expired=self._expired,
             naks=self._naks,
             cancelled=self._cancelled,
+            listener_gone=self._listener_gone,
         )
 
     async def _on_msg(self, msg: Any) -> None:
         status = (msg.headers or {}).get("Status")
         if status and not msg.data:
-            if status != "100":  # 100 = idle heartbeat, not the end of a pull
+            tail = msg.subject.rsplit(".", 1)[-1]
+            if tail.startswith("nr"):
+                if status == "503":
+                    self.post(ListenerGone(tail))
+            elif status != "100":  # 100 = idle heartbeat, not the end of a pull
                 try:
-                    pull_id = int(msg.subject.rsplit(".", 1)[1])
-                except (ValueError, IndexError):
+                    self.post(PullEnded(int(tail), status))
+                except ValueError:
                     return
-                self.post(PullEnded(pull_id, status))
             return
         self.post(Delivered(0, msg))
 
@@ -208,7 +237,9 @@ class ModelRunner:
                 if self._pulls.pop(pid, None) is None and self._pulls:
                     self._pulls.popitem(last=False)
             case JobFinished(result=res):
-                self._jobs.pop(res.request_id, None)
+                job = self._jobs.pop(res.request_id, None)
+                if job is not None:
+                    self._watch.pop(job[1].writer.watch.rsplit(".", 1)[-1], None)
                 if res.ok:
                     self._completed += 1
                     self._tokens_out += res.tokens_out
@@ -216,12 +247,23 @@ class ModelRunner:
                     self._failed += 1
                 self._maybe_stopped()
             case CancelJob(request_id=rid):
-                task = self._jobs.get(rid)
-                if task is not None:
+                job = self._jobs.get(rid)
+                if job is not None:
                     self._cancelled += 1
-                    task.cancel()
+                    job[0].cancel()
+            case ListenerGone(token=token):
+                owner = self._watch.get(token)
+                job = self._jobs.get(owner) if owner is not None else None
+                if job is not None:
+                    self._listener_gone += 1
+                    log.info("request %s: nobody reads its replies; cancelled", owner)
+                    job[0].cancel()
+            case Reconnected():
+                self._pulls.clear()
             case Tick():
                 self._on_tick()
+                for _, handle in list(self._jobs.values()):
+                    await handle.keep_alive(self.settings.heartbeat_s)
             case Drain(grace_s=grace):
                 if self._state is RunnerState.READY:
                     self._state = RunnerState.DRAINING
@@ -237,7 +279,7 @@ class ModelRunner:
         for pid in [k for k, exp in self._pulls.items() if now > exp + 5.0]:
             del self._pulls[pid]
         if self._drain_deadline is not None and now > self._drain_deadline:
-            for task in self._jobs.values():
+            for task, _ in self._jobs.values():
                 task.cancel()
 
     def _maybe_stopped(self) -> None:
@@ -282,43 +324,14 @@ class ModelRunner:
                 self._start(spec, msg.reply)
 
     def _start(self, spec: JobSpec, ack_subject: str) -> None:
-        nc = self._nc
-        progress_s = self.settings.ack_progress_s
-
-        acked = asyncio.Event()
-
-        async def keep_alive() -> None:
-            # Until the first token, tell the broker we are working on it; if this worker
-            # dies now, the message is redelivered to another worker after ack_wait.
-            while not acked.is_set():
-                try:
-                    await asyncio.wait_for(acked.wait(), progress_s)
-                except TimeoutError:
-                    await nc.publish(ack_subject, b"+WPI")
-
-        async def on_started() -> None:
-            if not acked.is_set():
-                acked.set()
-                await nc.publish(ack_subject, b"+ACK")
-
-        async def job() -> JobResult:
-            async with asyncio.TaskGroup() as tg:
-                ka = tg.create_task(keep_alive())
-                try:
-                    return await run_job(
-                        spec,
-                        engine=self.engine,
-                        nc=nc,
-                        worker=self.worker_id,
-                        model=self.model_id,
-                        on_started=on_started,
-                    )
-                finally:
-                    ka.cancel()
-
+        token = f"nr{next(self._tokens)}"
+        watch = f"{self._pull_prefix}.{token}"
+        handle = JobHandle(self._nc, spec, ack_subject, watch, self._bodies)
+        job = run_job(handle, engine=self.engine, worker=self.worker_id, model=self.model_id)
         assert self._tg is not None
-        task = self._tg.create_task(job())
-        self._jobs[spec.request_id] = task
+        task = self._tg.create_task(job)
+        self._jobs[spec.request_id] = (task, handle)
+        self._watch[token] = spec.request_id
         self._peak = max(self._peak, len(self._jobs))
 
         def done(t: asyncio.Task[JobResult]) -> None:
@@ -335,3 +348,6 @@ class ModelRunner:
 
     def cancel(self, request_id: str) -> None:
         self.post(CancelJob(request_id))
+
+    def reconnected(self) -> None:
+        self.post(Reconnected())

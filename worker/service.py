@@ -20,6 +20,7 @@ import msgspec
 
 from common import __version__, names
 from common import protocol as p
+from common.bodies import BodySettings, BodyStore
 from common.natsconn import close, connect, flush, jetstream
 from common.queue import QueueSettings, ensure_consumer, ensure_stream
 from worker.engine import Engine
@@ -112,6 +113,9 @@ class Worker:
                     r.cancel(rid)
             case p.DrainCommand():
                 self.request_drain()
+            case p.Ping():
+                if msg.reply:
+                    await msg.respond(p.PONG)
 
     async def _on_discover(self, msg: Any) -> None:
         await self._announce()
@@ -121,7 +125,15 @@ class Worker:
 
     async def run(self, ready: asyncio.Future[None] | None = None) -> None:
         s = self.settings
-        nc = await connect(s.nats_url, name=f"llmfleet-worker-{self.worker_id}")
+
+        async def on_reconnect() -> None:
+            for r in self.runners:
+                r.reconnected()
+            await self._announce()
+
+        nc = await connect(
+            s.nats_url, name=f"llmfleet-worker-{self.worker_id}", on_reconnect=on_reconnect
+        )
         self._nc = nc
         try:
             js = jetstream(nc)
@@ -148,6 +160,7 @@ class Worker:
                     nc=nc,
                     worker_id=self.worker_id,
                     settings=s.runner,
+                    bodies=BodyStore(jetstream(nc), BodySettings(replicas=s.queue.replicas)),
                 )
                 started: asyncio.Future[None] = loop.create_future()
                 runner_tasks.append(tg.create_task(runner.run(started)))
