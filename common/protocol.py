@@ -71,6 +71,7 @@ class Accepted(msgspec.Struct, tag="accepted", tag_field="type", omit_defaults=T
     seq: int = 0
     request_id: str = ""
     queued_ms: float | None = None
+    ack_subject: str = ""  # lets a requester hand the request back (-NAK) if this worker dies
 
 
 class Delta(msgspec.Struct, tag="delta", tag_field="type", omit_defaults=True):

@@ -229,8 +229,7 @@ class GatewayApp:
         headers_sent = False
         renderer: render.StreamRenderer | None = None
         try:
-            accepted = await sub.first()
-            extra = [*extra, (b"x-llmfleet-worker", accepted.worker.encode())]
+            await sub.first()
             created = int(time.time())
             if not parsed.stream:
                 await self._collect(parsed, sub, send, rid, created, extra)
@@ -244,6 +243,7 @@ class GatewayApp:
                 include_usage=parsed.include_usage,
             )
             msg = await sub.next()  # errors before the first output keep their HTTP status
+            extra = [*extra, *_worker_header(sub)]
             await send(
                 {
                     "type": "http.response.start",
@@ -315,7 +315,12 @@ class GatewayApp:
         else:
             body = acc.embedding_body(parsed.model, usage)
         self.stats.ok += 1
-        await send_json(send, 200, body, extra)
+        await send_json(send, 200, body, [*extra, *_worker_header(sub)])
+
+
+def _worker_header(sub: Submission) -> list[tuple[bytes, bytes]]:
+    """Names the worker that produced the answer (after any redelivery)."""
+    return [(b"x-llmfleet-worker", sub.worker.encode())] if sub.worker else []
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -57,6 +57,7 @@ class Submission:
         self.request_id = request_id
         self.stream_seq = seq
         self.worker: str | None = None
+        self.ack_subject = ""
         self.queued_ms: float | None = None
         self._expect = 0
         self.terminal = False
@@ -96,6 +97,7 @@ class Submission:
         if not isinstance(msg, p.Accepted):
             raise UpstreamError("A worker's reply stream did not start with 'accepted'.")
         self.worker = msg.worker
+        self.ack_subject = msg.ack_subject
         self.queued_ms = msg.queued_ms
         self._expect = msg.seq + 1
         return msg
@@ -159,6 +161,9 @@ class Submission:
                 code="worker_lost",
             )
         self.worker = None
+        if self.ack_subject and self._d.nc.is_connected:
+            # Hand the un-acked request back at once instead of waiting out ack_wait.
+            await self._d.nc.publish(self.ack_subject, b"-NAK")
         try:
             msg = await self._get(self._d.settings.redelivery_wait_s, "redelivery")
         except _Timeout:

@@ -147,7 +147,7 @@ class ReplyWriter:
     async def heartbeat(self) -> None:
         await self.send(p.Heartbeat(last_seq=self.seq - 1))
 
-    async def accepted(self, spec: JobSpec, worker: str, model: str) -> None:
+    async def accepted(self, spec: JobSpec, worker: str, model: str, ack_subject: str) -> None:
         await self.send(
             p.Accepted(
                 worker=worker,
@@ -155,6 +155,7 @@ class ReplyWriter:
                 seq=self.next_seq(),
                 request_id=spec.request_id,
                 queued_ms=spec.queued_ms,
+                ack_subject=ack_subject,
             )
         )
 
@@ -266,7 +267,7 @@ async def run_job(handle: JobHandle, *, engine: Engine, worker: str, model: str)
     out = handle.writer
     first = handle.ack
 
-    await out.accepted(spec, worker, model)
+    await out.accepted(spec, worker, model, handle.ack_subject)
     try:
         timeout_at: float | None = None
         if spec.deadline_ms is not None:
