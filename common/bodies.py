@@ -24,7 +24,7 @@ BUCKET = "LLMFLEET_BODIES"
 
 class BodySettings(msgspec.Struct, frozen=True):
     ttl_s: float = 900.0
-    max_bytes: int = 1024 * 1024 * 1024
+    max_bytes: int = 256 * 1024 * 1024
     replicas: int = 1
 
 

@@ -66,10 +66,17 @@ class FleetError(Exception):
         return ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
 
     @classmethod
-    def from_body(cls, status: int, body: ErrorBody) -> FleetError:
-        """Rebuild an error received over the wire (keeps status, type and code)."""
+    def from_body(
+        cls, status: int, body: ErrorBody, retry_after: float | None = None
+    ) -> FleetError:
+        """Rebuild an error received over the wire (keeps status, type, code, Retry-After)."""
         return EngineError(
-            body.message, param=body.param, code=body.code, status=status, type=body.type
+            body.message,
+            param=body.param,
+            code=body.code,
+            status=status,
+            type=body.type,
+            retry_after=retry_after,
         )
 
 

@@ -57,7 +57,7 @@ class Usage(msgspec.Struct, omit_defaults=False):
 class ChoiceDelta(msgspec.Struct, omit_defaults=True):
     """New output for one choice. `content` is the text (chat content or completion text)."""
 
-    index: int = 0
+    index: int
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -65,10 +65,10 @@ class ChoiceDelta(msgspec.Struct, omit_defaults=True):
     finish_reason: str | None = None
 
 
-class Accepted(msgspec.Struct, tag="accepted", tag_field="type", omit_defaults=True):
+class Accepted(msgspec.Struct, tag="accepted", tag_field="type", omit_defaults=True, kw_only=True):
+    seq: int
     worker: str
     model: str
-    seq: int = 0
     request_id: str = ""
     queued_ms: float | None = None
     ack_subject: str = ""  # lets a requester hand the request back (-NAK) if this worker dies
@@ -104,6 +104,7 @@ class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
     seq: int
     status: int
     error: ErrorBody
+    retry_after: float | None = None  # seconds, passed on as the HTTP Retry-After header
 
 
 Reply = Accepted | Delta | Embedding | Heartbeat | Done | Error
@@ -120,6 +121,22 @@ def encode(msg: msgspec.Struct) -> bytes:
 def decode_reply(data: bytes) -> Reply:
     """Decode one reply-stream message; raises msgspec.DecodeError/ValidationError."""
     return _reply_decoder.decode(data)
+
+
+class _AnyTagged(msgspec.Struct):
+    type: str
+
+
+_KNOWN_TYPES = frozenset({"accepted", "delta", "embedding", "heartbeat", "done", "error"})
+_any_tagged = msgspec.json.Decoder(_AnyTagged)
+
+
+def is_unknown_type(data: bytes) -> bool:
+    """A well-formed message of a type this version does not know (receivers skip those)."""
+    try:
+        return _any_tagged.decode(data).type not in _KNOWN_TYPES
+    except msgspec.DecodeError:
+        return False
 
 
 # ---- control and catalog messages ----------------------------------------------------------

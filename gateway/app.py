@@ -110,6 +110,8 @@ class GatewayApp:
                 body = b'{"status":"ready"}' if ok else b'{"status":"not ready"}'
                 await send_json(send, 200 if ok else 503, body)
             elif path.rstrip("/") == "/v1/models":
+                if method not in ("GET", "HEAD"):
+                    raise MethodNotAllowed(f"Use GET for {path}.")
                 self._auth(scope)
                 await send_json(send, 200, self._models_body())
             elif path.startswith("/v1/models/"):

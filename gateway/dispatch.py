@@ -64,17 +64,22 @@ class Submission:
         self.started = False  # any content received
 
     async def _get(self, timeout: float, what: str) -> p.Reply:
-        try:
-            async with asyncio.timeout(timeout):
-                data = await self._rq.queue.get()
-        except TimeoutError:
-            raise _Timeout(what) from None
-        if self._rq.overflowed:
-            raise UpstreamError("The reply stream overflowed the gateway's buffer.")
-        try:
-            return p.decode_reply(data)
-        except msgspec.DecodeError as exc:
-            raise UpstreamError("A worker sent an unreadable reply message.") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    data = await self._rq.queue.get()
+            except TimeoutError:
+                raise _Timeout(what) from None
+            if self._rq.overflowed:
+                raise UpstreamError("The reply stream overflowed the gateway's buffer.")
+            try:
+                return p.decode_reply(data)
+            except msgspec.DecodeError as exc:
+                if p.is_unknown_type(data):
+                    continue  # a message type from a newer protocol revision: skip it
+                raise UpstreamError("A worker sent an unreadable reply message.") from exc
 
     async def first(self) -> p.Accepted:
         """Wait (up to the queue timeout) for a worker to accept; raises on error/timeout."""
@@ -93,7 +98,7 @@ class Submission:
     def _on_first(self, msg: p.Reply) -> p.Accepted:
         if isinstance(msg, p.Error):
             self.terminal = True
-            raise FleetError.from_body(msg.status, msg.error)
+            raise FleetError.from_body(msg.status, msg.error, msg.retry_after)
         if not isinstance(msg, p.Accepted):
             raise UpstreamError("A worker's reply stream did not start with 'accepted'.")
         self.worker = msg.worker
@@ -121,7 +126,7 @@ class Submission:
                 alive = await self._d.probe(self.worker)
                 if alive is False or loop.time() - silent_since >= s.stall_timeout_s:
                     await self._worker_lost()
-                silent_since = loop.time()
+                    silent_since = loop.time()
                 continue
             silent_since = loop.time()
             if isinstance(msg, p.Heartbeat):
@@ -137,6 +142,9 @@ class Submission:
                     raise UpstreamError("The request was restarted mid-stream by another worker.")
                 self._on_first(msg)  # redelivered to another worker before any output
                 continue
+            if isinstance(msg, p.Error) and msg.seq == 0 and not self.started:
+                self.terminal = True  # a redelivery refused outright (e.g. start-by passed)
+                raise FleetError.from_body(msg.status, msg.error, msg.retry_after)
             if msg.seq != self._expect:
                 raise UpstreamError(
                     f"Reply stream gap: expected message {self._expect}, got {msg.seq}.",
@@ -145,7 +153,7 @@ class Submission:
             self._expect += 1
             if isinstance(msg, p.Error):
                 self.terminal = True
-                raise FleetError.from_body(msg.status, msg.error)
+                raise FleetError.from_body(msg.status, msg.error, msg.retry_after)
             if isinstance(msg, p.Done):
                 self.terminal = True
             else:

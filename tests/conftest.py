@@ -45,11 +45,7 @@ def nats_url() -> Iterator[str]:
         from testcontainers.core.container import DockerContainer  # noqa: PLC0415
         from testcontainers.core.waiting_utils import wait_for_logs  # noqa: PLC0415
 
-        container = (
-            DockerContainer("nats:2.11")
-            .with_command("-js --max_payload 8388608")
-            .with_exposed_ports(4222)
-        )
+        container = DockerContainer("nats:2.11").with_command("-js").with_exposed_ports(4222)
         with container:
             wait_for_logs(container, "Server is ready", timeout=30)
             host = container.get_container_host_ip()

@@ -34,6 +34,12 @@ class Admission(enum.Enum):
     NAK = "nak"  # give it back at once: another worker (or this one later) takes it
     EXPIRED = "expired"  # its start-by time passed while it waited: drop without running
     REJECT = "reject"  # unreadable: drop and report an error to the requester
+    POISON = "poison"  # delivered too often (it kills workers?): drop with an error
+
+
+MAX_DELIVERIES = 10
+"""A request delivered this often (each worker that took it died or gave it back) is
+dropped with an error instead of being handed to yet another worker."""
 
 
 def admit(
@@ -44,9 +50,12 @@ def admit(
     start_by_ms: int | None,
     now_ms: int,
     readable: bool,
+    delivered: int = 1,
 ) -> Admission:
     if not readable:
         return Admission.REJECT
+    if delivered > MAX_DELIVERIES:
+        return Admission.POISON
     if state is not RunnerState.READY or running >= max_concurrency:
         return Admission.NAK
     if start_by_ms is not None and now_ms > start_by_ms:

@@ -160,7 +160,14 @@ class ReplyWriter:
         )
 
     async def error(self, err: FleetError) -> None:
-        await self.send(p.Error(seq=self.next_seq(), status=err.status, error=err.body()))
+        await self.send(
+            p.Error(
+                seq=self.next_seq(),
+                status=err.status,
+                error=err.body(),
+                retry_after=err.retry_after,
+            )
+        )
 
 
 async def send_rejection(nc: Publisher, reply: str, err: FleetError) -> None:
@@ -277,6 +284,7 @@ async def run_job(handle: JobHandle, *, engine: Engine, worker: str, model: str)
             if spec.body_ref is not None:
                 spec = await _load_body(handle)
             usage = await _execute(spec, engine, out, first)
+        await _forget_body(handle)
         await out.send(p.Done(seq=out.next_seq(), usage=usage))
         return JobResult(spec.request_id, ok=True, tokens_out=usage.completion_tokens)
     except asyncio.CancelledError:
@@ -288,6 +296,7 @@ async def run_job(handle: JobHandle, *, engine: Engine, worker: str, model: str)
     except FleetError as err:
         await first()
         await out.error(err)
+        await _forget_body(handle)
     except TimeoutError:
         await first()
         await out.error(GatewayTimeout("The request's deadline passed during generation."))
@@ -299,14 +308,19 @@ async def run_job(handle: JobHandle, *, engine: Engine, worker: str, model: str)
 
 
 async def _load_body(handle: JobHandle) -> JobSpec:
-    """Fetch a body passed by reference (and delete it: it is read exactly once)."""
+    """Fetch a body passed by reference (deleted once the request is answered)."""
     ref = handle.spec.body_ref
     assert ref is not None
     if handle.bodies is None:
         raise InternalError("This worker cannot read bodies passed by reference.")
     body = await handle.bodies.get(ref)
-    await handle.bodies.delete(ref)
-    return msgspec.structs.replace(handle.spec, body=body, body_ref=None)
+    return msgspec.structs.replace(handle.spec, body=body)
+
+
+async def _forget_body(handle: JobHandle) -> None:
+    """Delete a body passed by reference once the request was answered (acked)."""
+    if handle.spec.body_ref is not None and handle.bodies is not None and handle.acked:
+        await handle.bodies.delete(handle.spec.body_ref)
 
 
 async def _execute(

@@ -26,7 +26,7 @@ import msgspec
 from common import names
 from common import protocol as p
 from common.bodies import BodyStore
-from common.errors import GatewayTimeout, InvalidRequest
+from common.errors import GatewayTimeout, InvalidRequest, UpstreamError
 from common.natsconn import flush
 from worker.decide import Admission, RunnerState, admit, parse_ack_subject, pull_batch
 from worker.engine import Engine
@@ -305,6 +305,7 @@ class ModelRunner:
             start_by_ms=spec.start_by_ms,
             now_ms=p.now_ms(),
             readable=True,
+            delivered=info.delivered if info is not None else 1,
         )
         match decision:
             case Admission.NAK:
@@ -320,6 +321,16 @@ class ModelRunner:
                 )
             case Admission.REJECT:
                 await self._nc.publish(msg.reply, b"+TERM")
+            case Admission.POISON:
+                await self._nc.publish(msg.reply, b"+TERM")
+                await send_rejection(
+                    self._nc,
+                    spec.reply,
+                    UpstreamError(
+                        "The request was handed to too many workers without an answer.",
+                        code="too_many_deliveries",
+                    ),
+                )
             case Admission.RUN:
                 self._start(spec, msg.reply)
 

@@ -141,7 +141,7 @@ async def test_deadline_from_client_header(gw: Gateway) -> None:
     assert json.loads(frames[-2])["error"]["code"] == "deadline_exceeded"
 
 
-async def test_overload_4x_rejects_cleanly_and_never_runs_twice(fleet: Fleet) -> None:
+async def test_overload_4x_rejects_cleanly_and_never_runs_twice(gw: Gateway, fleet: Fleet) -> None:
     gw = fleet.gateway("--queue-timeout", "0.15", wait_models=(OVER,))
     body = {"model": OVER, "messages": [{"role": "user", "content": "x"}]}
     codes: list[int] = []
@@ -165,8 +165,10 @@ async def test_overload_4x_rejects_cleanly_and_never_runs_twice(fleet: Fleet) ->
         ok = codes.count(200)
         await asyncio.sleep(1.5)  # let late cancellations settle, then read the counters
         await ann.wait_for(
-            lambda a: a.model(OVER)[0][1].in_flight == 0
-            and a.model(OVER)[0][0].completed >= before.completed + ok
+            lambda a: (
+                a.model(OVER)[0][1].in_flight == 0
+                and a.model(OVER)[0][0].completed >= before.completed + ok
+            )
         )
         ((after, _),) = ann.model(OVER)
     assert set(codes) <= {200, 503}

@@ -50,7 +50,9 @@ async def test_worker_killed_before_first_token_is_transparent(gw: Gateway, flee
 
             pending = asyncio.create_task(call())
             await ann.wait_for(
-                lambda a: any(m.in_flight == 1 for w, m in a.model(SLOWSTART) if w.worker == "doomed")
+                lambda a: any(
+                    m.in_flight == 1 for w, m in a.model(SLOWSTART) if w.worker == "doomed"
+                )
             )
             fleet.worker(
                 "--model", SLOWSTART, "--worker-id", "rescuer", "--max-concurrency", "1",

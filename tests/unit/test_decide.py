@@ -34,6 +34,8 @@ def test_admit() -> None:
     assert admit(state=READY, readable=True, **full) is Admission.NAK  # type: ignore[arg-type]
     late = {**kw, "start_by_ms": 999}
     assert admit(state=READY, readable=True, **late) is Admission.EXPIRED  # type: ignore[arg-type]
+    poison = {**kw, "delivered": 11}
+    assert admit(state=READY, readable=True, **poison) is Admission.POISON  # type: ignore[arg-type]
     on_time = {**kw, "start_by_ms": 1000}
     assert admit(state=READY, readable=True, **on_time) is Admission.RUN  # type: ignore[arg-type]
 

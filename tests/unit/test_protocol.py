@@ -10,7 +10,7 @@ from common.errors import ErrorBody
 @pytest.mark.parametrize(
     "msg",
     [
-        p.Accepted(worker="w", model="m", seq=0, request_id="r", queued_ms=1.5),
+        p.Accepted(seq=0, worker="w", model="m", request_id="r", queued_ms=1.5),
         p.Delta(seq=1, choices=[p.ChoiceDelta(index=0, content="hi")]),
         p.Delta(seq=2, choices=[p.ChoiceDelta(index=1, content="", finish_reason="stop")]),
         p.Embedding(seq=1, index=0, embedding=[0.5, -0.25]),
@@ -33,9 +33,15 @@ def test_wire_shape_is_tagged_json() -> None:
 
 
 def test_unknown_fields_are_ignored_for_schema_evolution() -> None:
-    raw = b'{"type":"delta","seq":4,"choices":[{"content":"x","future":1}],"added":true}'
+    raw = b'{"type":"delta","seq":4,"choices":[{"index":0,"content":"x","future":1}],"new":1}'
     msg = p.decode_reply(raw)
     assert msg == p.Delta(seq=4, choices=[p.ChoiceDelta(index=0, content="x")])
+
+
+def test_unknown_message_types_are_recognised_for_skipping() -> None:
+    assert p.is_unknown_type(b'{"type":"progress","seq":3}')
+    assert not p.is_unknown_type(b'{"type":"delta","seq":"x"}')  # known type, bad body
+    assert not p.is_unknown_type(b"not json")
 
 
 def test_unknown_type_is_rejected() -> None:
