@@ -81,8 +81,8 @@ def run_async(main: Coroutine[Any, Any, None]) -> None:
 
 
 def _nats_args(p: argparse.ArgumentParser) -> None:
-    add(p, "--port", 4222, "client port", int)
-    add(p, "--host", "127.0.0.1", "listen address")
+    add(p, "--port", 4222, "client port", int, env="LLMFLEET_NATS_PORT")
+    add(p, "--host", "127.0.0.1", "listen address", env="LLMFLEET_NATS_HOST")
     add(p, "--store", "", "JetStream store directory (default: a temporary one)")
     add(p, "--http-port", 0, "monitoring port (0: off)", int)
 
@@ -147,6 +147,7 @@ def _worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(o, "--upstream", "http://127.0.0.1:8000/v1", "upstream base URL")
     add(o, "--upstream-api-key", "", "API key for the upstream (stays on the worker)")
     add(o, "--upstream-model", "", "model name upstream (default: the served name)")
+    add(o, "--upstream-wait", 900.0, "seconds to wait for the upstream to be ready", float)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,12 +290,12 @@ def cmd_dev(args: argparse.Namespace) -> None:
     try:
         gw = build_gateway(args, server.url)
         worker = build_worker(args, server.url)
-        run_async(_dev(gw, worker, args))
+        run_async(_dev(gw, worker, args, server.url))
     finally:
         server.stop()
 
 
-async def _dev(gw: Any, worker: Any, args: argparse.Namespace) -> None:
+async def _dev(gw: Any, worker: Any, args: argparse.Namespace, nats_url: str) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -316,6 +317,7 @@ async def _dev(gw: Any, worker: Any, args: argparse.Namespace) -> None:
             f"\nllmfleet dev is serving {', '.join(m.model_id for m in worker.models)} "
             f"({args.engine} engine)\n"
             f"  base URL: {base}\n"
+            f"  NATS:     {nats_url} (batch producers publish here; see docs/protocol.md)\n"
             f"  try:      curl {base}/chat/completions -H 'Content-Type: application/json' \\\n"
             f'              -d \'{{"model": "{model}", "messages": '
             f'[{{"role": "user", "content": "Hello"}}], "stream": true}}\'\n'

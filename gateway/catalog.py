@@ -26,6 +26,7 @@ class ModelEntry(msgspec.Struct, frozen=True):
     created: int
     simulated: bool
     description: str
+    ready: bool  # some worker has it loaded; else it is loading and requests queue
 
 
 class CatalogSnapshot(msgspec.Struct, frozen=True):
@@ -61,7 +62,8 @@ def expire(table: dict[str, _Seen], now: float) -> dict[str, _Seen]:
 
 
 def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
-    """Group live workers by model. Draining workers are listed but add no slots."""
+    """Group live workers by model. Starting (loading) and draining workers are listed but
+    add no slots: requests for a model that is still loading wait in the broker."""
     models: dict[str, ModelEntry] = {}
     for seen in sorted(table.values(), key=lambda s: s.announce.worker):
         a = seen.announce
@@ -78,6 +80,7 @@ def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
                     created=m.created,
                     simulated=m.simulated,
                     description=m.description,
+                    ready=a.state == "ready",
                 )
             else:
                 models[m.id] = msgspec.structs.replace(
@@ -86,6 +89,7 @@ def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
                     slots=prev.slots + slots,
                     in_flight=prev.in_flight + m.in_flight,
                     created=min(prev.created, m.created),
+                    ready=prev.ready or a.state == "ready",
                 )
     return CatalogSnapshot(
         models=dict(sorted(models.items())),

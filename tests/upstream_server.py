@@ -6,7 +6,8 @@
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streaming SSE
 exactly like OpenAI, including the `stream_options.include_usage` usage chunk and
 `data: [DONE]`, or a plain JSON body), POST /v1/embeddings (float or base64 little-endian
-float32, `dimensions` honoured), and GET /stats -> {"open_streams", "aborted", "requests"}.
+float32, `dimensions` honoured), and GET /stats -> {"open_streams", "aborted", "requests"}
+(`requests` counts POSTs: inference, not readiness probes).
 
 Output is deterministic: "tok0 tok1 tok2 ..." (one word per token, and per chunk), cut at
 `max_tokens` / `max_completion_tokens` (finish_reason "length") or after `--tokens` words
@@ -118,7 +119,8 @@ class App:
             if path == "/stats":
                 await self._send_json(send, 200, self.stats)
                 return
-            self.stats.requests += 1
+            if method == "POST":  # inference requests only, not readiness probes
+                self.stats.requests += 1
             self._check_auth(scope)
             routes: dict[str, tuple[str, Callable[[Any, Receive, Send], Awaitable[None]]]] = {
                 "/v1/models": ("GET", self._models),
@@ -460,12 +462,14 @@ class RunningServer:
     `await stop()` shuts the server down and waits for it. Also an async context manager.
     """
 
-    def __init__(self, settings: ServerSettings | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, settings: ServerSettings | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.app = make_app(settings)
         config = uvicorn.Config(
             self.app,
             host=host,
-            port=0,
+            port=port,
             log_config=None,
             log_level="warning",
             access_log=False,

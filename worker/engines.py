@@ -25,6 +25,7 @@ def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
                     api_key=args.upstream_api_key or None,
                     upstream_model=args.upstream_model or None,
                     served_model=model_id,
+                    wait_ready_s=args.upstream_wait,
                 )
             )
         case other:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
@@ -45,6 +46,8 @@ from common.errors import (
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
+
+log = logging.getLogger(__name__)
 
 # An SSE event larger than this is not a token chunk: refuse it instead of buffering forever.
 MAX_EVENT_BYTES = 16 * 1024 * 1024
@@ -68,6 +71,7 @@ class OpenAISettings(msgspec.Struct, frozen=True):
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
     max_connections: int = 1024
+    wait_ready_s: float = 900.0
 
 
 # ---- upstream wire shapes (decoded with reused typed decoders; unknown fields ignored) ----
@@ -321,6 +325,36 @@ class OpenAIEngine:
             # The upstream is an internal server: never route it through an env proxy.
             trust_env=False,
         )
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        """Wait until the upstream answers `GET /models` (vLLM loads weights for minutes).
+
+        Until then the worker announces the model as loading and pulls nothing, so requests
+        wait in the broker instead of failing with 502.
+        """
+        assert self._client is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.wait_ready_s
+        next_log = loop.time()
+        while True:
+            try:
+                r = await self._client.get("/models", timeout=5.0)
+                if r.status_code < 500:  # up (a 401/404 shows on requests, clearly)
+                    return
+                why = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                why = type(exc).__name__
+            now = loop.time()
+            if now > deadline:
+                raise UpstreamError(
+                    f"The upstream {_display_url(self.settings.base_url)} was not ready within "
+                    f"{self.settings.wait_ready_s:.0f} s ({why})."
+                )
+            if now >= next_log:
+                log.info("waiting for upstream %s (%s)", _display_url(self.settings.base_url), why)
+                next_log = now + 10.0
+            await asyncio.sleep(1.0)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None

@@ -63,8 +63,24 @@ class Worker:
         self._nc: Any = None
 
     def announcement(self) -> p.WorkerAnnounce:
-        stats = [r.stats() for r in self.runners]
-        cards = {m.model_id: m.engine.card() for m in self.models}
+        stats = {r.model_id: r.stats() for r in self.runners}
+        models = []
+        for m in self.models:
+            card = m.engine.card()
+            st = stats.get(m.model_id)
+            models.append(
+                p.ModelStatus(
+                    id=m.model_id,
+                    engine=card.engine,
+                    max_concurrency=m.max_concurrency,
+                    in_flight=st.in_flight if st else 0,
+                    owned_by=card.owned_by,
+                    created=int(self.started_at),
+                    simulated=card.simulated,
+                    description=card.description,
+                )
+            )
+        all_stats = list(stats.values())
         return p.WorkerAnnounce(
             worker=self.worker_id,
             host=socket.gethostname(),
@@ -72,23 +88,11 @@ class Worker:
             state=self.state,
             ttl_s=self.settings.heartbeat_s * 3.5,
             started_at=self.started_at,
-            models=[
-                p.ModelStatus(
-                    id=s.model,
-                    engine=cards[s.model].engine,
-                    max_concurrency=s.max_concurrency,
-                    in_flight=s.in_flight,
-                    owned_by=cards[s.model].owned_by,
-                    created=int(self.started_at),
-                    simulated=cards[s.model].simulated,
-                    description=cards[s.model].description,
-                )
-                for s in stats
-            ],
-            completed=sum(s.completed for s in stats),
-            failed=sum(s.failed for s in stats),
-            tokens_out=sum(s.tokens_out for s in stats),
-            peak_in_flight=max((s.peak_in_flight for s in stats), default=0),
+            models=models,
+            completed=sum(x.completed for x in all_stats),
+            failed=sum(x.failed for x in all_stats),
+            tokens_out=sum(x.tokens_out for x in all_stats),
+            peak_in_flight=max((x.peak_in_flight for x in all_stats), default=0),
         )
 
     async def _announce(self) -> None:
@@ -140,46 +144,61 @@ class Worker:
             await ensure_stream(js, s.queue)
             for m in self.models:
                 await ensure_consumer(js, m.model_id, s.queue)
-                await m.engine.start()
             await self._serve(nc, ready)
         finally:
             for m in self.models:
                 await m.engine.aclose()
             await close(nc)
 
+    async def _start_engines(self) -> None:
+        for m in self.models:
+            log.info("worker %s: starting engine for %s", self.worker_id, m.model_id)
+            await m.engine.start()
+
     async def _serve(self, nc: Any, ready: asyncio.Future[None] | None) -> None:
+        """Announce at once (state `starting`: gateways list the models and requests queue
+        in the broker), load engines, then pull; drain on stop."""
         s = self.settings
         loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
-            runner_tasks = []
-            for m in self.models:
-                runner = ModelRunner(
-                    model_id=m.model_id,
-                    engine=m.engine,
-                    max_concurrency=m.max_concurrency,
-                    nc=nc,
-                    worker_id=self.worker_id,
-                    settings=s.runner,
-                    bodies=BodyStore(jetstream(nc), BodySettings(replicas=s.queue.replicas)),
-                )
-                started: asyncio.Future[None] = loop.create_future()
-                runner_tasks.append(tg.create_task(runner.run(started)))
-                await started
-                self.runners.append(runner)
             ctl = await nc.subscribe(names.control_subject(self.worker_id), cb=self._on_control)
             disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=self._on_discover)
             await flush(nc)
-            self.state = "ready"
             beats = tg.create_task(self._heartbeats())
-            log.info(
-                "worker %s ready: %s",
-                self.worker_id,
-                ", ".join(f"{m.model_id} x{m.max_concurrency}" for m in self.models),
-            )
-            if ready is not None:
-                ready.set_result(None)
-            await self._stop.wait()
-            log.info("worker %s draining (grace %.0fs)", self.worker_id, s.drain_grace_s)
+            starting = tg.create_task(self._start_engines())
+            stop = tg.create_task(self._stop.wait())
+            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            runner_tasks = []
+            if starting.done():
+                starting.result()
+                for m in self.models:
+                    runner = ModelRunner(
+                        model_id=m.model_id,
+                        engine=m.engine,
+                        max_concurrency=m.max_concurrency,
+                        nc=nc,
+                        worker_id=self.worker_id,
+                        settings=s.runner,
+                        bodies=BodyStore(jetstream(nc), BodySettings(replicas=s.queue.replicas)),
+                    )
+                    started: asyncio.Future[None] = loop.create_future()
+                    runner_tasks.append(tg.create_task(runner.run(started)))
+                    await started
+                    self.runners.append(runner)
+                self.state = "ready"
+                await self._announce()
+                log.info(
+                    "worker %s ready: %s",
+                    self.worker_id,
+                    ", ".join(f"{m.model_id} x{m.max_concurrency}" for m in self.models),
+                )
+                if ready is not None:
+                    ready.set_result(None)
+                await stop
+                log.info("worker %s draining (grace %.0fs)", self.worker_id, s.drain_grace_s)
+            else:
+                starting.cancel()
+                log.info("worker %s stopped while starting", self.worker_id)
             self.state = "draining"
             await self._announce()
             for r in self.runners:

@@ -234,12 +234,21 @@ async def test_midstream_error(engine: OpenAIEngine) -> None:
 
 async def test_unreachable_upstream_names_url_not_key() -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
-    settings = OpenAISettings(base_url=url, served_model="m", api_key=SECRET)
-    async with started(settings) as eng:
+    settings = OpenAISettings(base_url=url, served_model="m", api_key=SECRET, wait_ready_s=0.5)
+    with pytest.raises(UpstreamError) as start_info:
+        async with started(settings):
+            pass
+    assert url in start_info.value.message and SECRET not in start_info.value.message
+
+    server = RunningServer(ServerSettings(ttft_ms=1, itl_ms=0))
+    await server.start()
+    gone = OpenAISettings(base_url=server.base_url, served_model="m", api_key=SECRET)
+    async with started(gone) as eng:
+        await server.stop()  # the upstream goes away after the worker started
         req, raw = chat_body()
         with pytest.raises(UpstreamError) as info:
             await collect(eng.chat(req, raw))
-        assert url in info.value.message
+        assert server.base_url in info.value.message
         assert SECRET not in info.value.message
         assert SECRET not in repr(info.value.__cause__)
 
@@ -247,6 +256,27 @@ async def test_unreachable_upstream_names_url_not_key() -> None:
         with pytest.raises(UpstreamError) as einfo:
             await eng.embed(ereq, eraw)
         assert SECRET not in einfo.value.message
+
+
+async def test_start_waits_for_a_loading_upstream() -> None:
+    port = free_port()
+    settings = OpenAISettings(
+        base_url=f"http://127.0.0.1:{port}/v1", served_model="m", wait_ready_s=30
+    )
+    eng = OpenAIEngine(settings)
+    starting = asyncio.create_task(eng.start())
+    await asyncio.sleep(1.5)
+    assert not starting.done()  # still waiting: nothing listens yet
+    server = RunningServer(ServerSettings(ttft_ms=1, itl_ms=0), port=port)
+    await server.start()
+    try:
+        await asyncio.wait_for(starting, 10)
+        req, raw = chat_body(max_tokens=1)
+        outs, _ = await collect(eng.chat(req, raw))
+        assert texts(outs) == {0: "tok0"}
+    finally:
+        await eng.aclose()
+        await server.stop()
 
 
 async def test_api_key_sent_to_upstream() -> None:
