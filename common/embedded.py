@@ -106,7 +106,11 @@ class EmbeddedNats:
         store_dir: str | None = None,
         http_port: int | None = None,
         quiet: bool = True,
+        server_name: str = "llmfleet",
+        extra: str = "",
     ) -> None:
+        self.server_name = server_name
+        self.extra = extra
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.http_port = http_port
@@ -131,6 +135,8 @@ class EmbeddedNats:
                 port=self.port,
                 store_dir=self.store_dir,
                 http_port=self.http_port,
+                server_name=self.server_name,
+                extra=self.extra,
             )
         )
         out = subprocess.DEVNULL if self.quiet else None

@@ -152,7 +152,7 @@ class GatewayApp:
             "description": m.description,
             "workers": len(m.workers),
             "max_concurrency": m.slots,
-            "status": "ready" if m.ready else "loading",
+            "status": m.status,
         }
 
     def _models_body(self) -> bytes:

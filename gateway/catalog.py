@@ -4,6 +4,11 @@ Workers publish a `WorkerAnnounce` on `llmfleet.hb.<worker>` every heartbeat and
 asked on `llmfleet.discover`; each is valid for its `ttl_s`. One task (`Catalog.run`)
 owns the table; after every change it publishes a frozen `CatalogSnapshot` that request
 handlers read without locks (a read never gates a mutation here).
+
+A model whose last worker left stays listed as `unavailable` for a grace period (requests
+for it queue and are served if a worker returns in time) instead of vanishing and coming
+back. While the gateway itself is cut off from the broker nothing expires: silence then
+says nothing about the workers.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ class ModelEntry(msgspec.Struct, frozen=True):
     simulated: bool
     description: str
     ready: bool  # some worker has it loaded; else it is loading and requests queue
+
+    @property
+    def status(self) -> str:
+        if self.ready:
+            return "ready"
+        return "loading" if self.workers else "unavailable"
 
 
 class CatalogSnapshot(msgspec.Struct, frozen=True):
@@ -59,6 +70,32 @@ def apply_announce(
 
 def expire(table: dict[str, _Seen], now: float) -> dict[str, _Seen]:
     return {k: v for k, v in table.items() if v.expires_at > now}
+
+
+def remember_gone(
+    gone: dict[str, tuple[ModelEntry, float]],
+    before: CatalogSnapshot,
+    after: CatalogSnapshot,
+    now: float,
+    grace_s: float,
+) -> dict[str, tuple[ModelEntry, float]]:
+    """Models that lost their last worker, with when; forgotten after `grace_s` (pure)."""
+    out = {k: v for k, v in gone.items() if k not in after.models and now - v[1] < grace_s}
+    for model_id, entry in before.models.items():
+        if model_id not in after.models and model_id not in out and entry.workers:
+            out[model_id] = (entry, now)
+    return out
+
+
+def with_gone(snap: CatalogSnapshot, gone: dict[str, tuple[ModelEntry, float]]) -> CatalogSnapshot:
+    if not gone:
+        return snap
+    models = dict(snap.models)
+    for model_id, (entry, _) in gone.items():
+        models[model_id] = msgspec.structs.replace(
+            entry, workers=(), slots=0, in_flight=0, ready=False
+        )
+    return CatalogSnapshot(models=dict(sorted(models.items())), workers=snap.workers)
 
 
 def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
@@ -100,12 +137,24 @@ def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
 class Catalog:
     """Owner of the worker table. Feed it with `post_announce` (from the NATS callback)."""
 
-    def __init__(self, tick_s: float = 0.5) -> None:
+    def __init__(self, tick_s: float = 0.5, model_grace_s: float = 30.0) -> None:
         self._inbox: asyncio.Queue[p.WorkerAnnounce] = asyncio.Queue(maxsize=10_000)
         self._table: dict[str, _Seen] = {}
+        self._live = EMPTY
+        self._gone: dict[str, tuple[ModelEntry, float]] = {}
         self.snapshot: CatalogSnapshot = EMPTY
         self._tick_s = tick_s
+        self._grace_s = model_grace_s
         self.changed = asyncio.Event()
+        self.connected = True
+        self._hold_until = 0.0
+
+    def set_connected(self, connected: bool) -> None:
+        """Called on broker disconnect/reconnect: no expiry while cut off, and a grace of
+        one announcement interval after, so workers are not dropped for our own outage."""
+        self.connected = connected
+        if connected:
+            self._hold_until = time.monotonic() + 2.0
 
     def post_announce(self, data: bytes) -> None:
         try:
@@ -123,11 +172,19 @@ class Catalog:
                 async with asyncio.timeout(self._tick_s):
                     ev = await self._inbox.get()
             now = time.monotonic()
-            table = expire(self._table, now)
+            holding = not self.connected or now < self._hold_until
+            table = self._table if holding else expire(self._table, now)
             if ev is not None:
                 table = apply_announce(table, ev, now)
-            if table != self._table or ev is not None:
-                self._table = table
-                self.snapshot = build_snapshot(table)
+            if holding:  # keep everyone alive until they had a chance to announce again
+                table = {
+                    k: _Seen(v.announce, max(v.expires_at, now + 0.5)) for k, v in table.items()
+                }
+            live = build_snapshot(table)
+            gone = remember_gone(self._gone, self._live, live, now, self._grace_s)
+            changed = table != self._table or ev is not None or gone.keys() != self._gone.keys()
+            self._table, self._live, self._gone = table, live, gone
+            if changed:
+                self.snapshot = with_gone(live, gone)
                 self.changed.set()
                 self.changed = asyncio.Event()

@@ -45,7 +45,8 @@ class DispatchSettings(msgspec.Struct, frozen=True):
     redelivery_wait_s: float = 8.0
     request_timeout_s: float = 600.0
     retry_after_s: float = 2.0
-    publish_timeout_s: float = 5.0
+    publish_timeout_s: float = 2.0
+    publish_retry_s: float = 10.0
 
 
 class Submission:
@@ -191,6 +192,10 @@ class _Timeout(Exception):
     pass
 
 
+class _Transient(Exception):
+    """The broker cannot take the message right now (reconnecting, electing a leader)."""
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -210,6 +215,7 @@ class Dispatcher:
         self.queue_timeouts = 0
         self.workers_lost = 0
         self.by_reference = 0
+        self.publish_retries = 0
         self.redelivered = 0
 
     def _headers(
@@ -265,11 +271,27 @@ class Dispatcher:
         return Submission(self, rq, request_id, seq)
 
     async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
+        """Publish until the broker stores it, riding out reconnects and leader elections
+        (up to `publish_retry_s`); retries are safe: `Nats-Msg-Id` deduplicates them."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        deadline = loop.time() + min(s.queue_timeout_s, s.publish_retry_s)
+        delay = 0.05
+        while True:
+            try:
+                return await self._publish_once(subject, body, headers)
+            except _Transient as exc:
+                if loop.time() + delay > deadline:
+                    raise ServiceUnavailable(
+                        "The request queue is unavailable.", retry_after=s.retry_after_s
+                    ) from exc.__cause__
+                self.publish_retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def _publish_once(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
         if not self.nc.is_connected:
-            raise ServiceUnavailable(
-                "The gateway is not connected to the message broker.",
-                retry_after=self.settings.retry_after_s,
-            )
+            raise _Transient
         try:
             ack = await self.js.publish(
                 subject, body, timeout=self.settings.publish_timeout_s, headers=headers
@@ -282,13 +304,9 @@ class Dispatcher:
                     "This model's queue is full; retry later.",
                     retry_after=self.settings.retry_after_s,
                 ) from exc
-            raise ServiceUnavailable(
-                "The request queue refused the request.", retry_after=self.settings.retry_after_s
-            ) from exc
+            raise _Transient from exc
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise ServiceUnavailable(
-                "The request queue is unavailable.", retry_after=self.settings.retry_after_s
-            ) from exc
+            raise _Transient from exc
         return int(ack.seq)
 
     async def probe(self, worker: str | None) -> bool | None:

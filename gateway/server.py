@@ -39,6 +39,7 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     dispatch: DispatchSettings = DispatchSettings()
     queue: QueueSettings = QueueSettings()
     discover_wait_s: float = 0.5
+    model_grace_s: float = 30.0
     shutdown_grace_s: float = 30.0
 
 
@@ -63,17 +64,35 @@ class Gateway:
 
     async def run(self, ready: asyncio.Future[None] | None = None) -> None:
         s = self.settings
-        nc = await connect(s.nats_url, name=f"llmfleet-gateway-{self.gateway_id}")
+        catalog = Catalog(model_grace_s=s.model_grace_s)
+
+        async def on_disconnect() -> None:
+            catalog.set_connected(False)
+
+        async def on_reconnect() -> None:
+            # A restarted broker may have lost the (memory) stream; workers re-create
+            # their consumers, and a discover round refreshes the catalog at once.
+            catalog.set_connected(True)
+            await nc.publish(names.DISCOVER_SUBJECT, b"")
+            await ensure_stream(jetstream(nc), s.queue, update=True)
+
+        nc = await connect(
+            s.nats_url,
+            name=f"llmfleet-gateway-{self.gateway_id}",
+            on_reconnect=on_reconnect,
+            on_disconnect=on_disconnect,
+        )
         try:
             js = jetstream(nc)
             await ensure_stream(js, s.queue, update=True)
-            await self._serve(nc, js, ready)
+            await self._serve(nc, js, catalog, ready)
         finally:
             await close(nc)
 
-    async def _serve(self, nc: Any, js: Any, ready: asyncio.Future[None] | None) -> None:
+    async def _serve(
+        self, nc: Any, js: Any, catalog: Catalog, ready: asyncio.Future[None] | None
+    ) -> None:
         s = self.settings
-        catalog = Catalog()
         dispatcher: Dispatcher | None = None
 
         async def on_orphan(acc: p.Accepted) -> None:

@@ -131,6 +131,11 @@ class Worker:
         s = self.settings
 
         async def on_reconnect() -> None:
+            # A restarted broker may have lost the (memory) stream and consumers.
+            js = jetstream(nc)
+            await ensure_stream(js, s.queue)
+            for m in self.models:
+                await ensure_consumer(js, m.model_id, s.queue)
             for r in self.runners:
                 r.reconnected()
             await self._announce()
