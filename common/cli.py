@@ -100,12 +100,14 @@ def _gateway_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(p, "--host", "127.0.0.1", "HTTP listen address")
     add(p, "--port", 8080, "HTTP port", int)
     add(p, "--api-key", "", "require this bearer token from clients (empty: no auth)")
+    add(p, "--cors-origins", "", "browser origins allowed to call the API, comma separated or *")
+    add(p, "--model-grace", 30.0, "seconds a model stays listed after its last worker left", float)
     add(p, "--queue-timeout", 60.0, "seconds a request may wait for a free worker", float)
     add(p, "--stall-timeout", 5.0, "seconds a silent worker gets before a stream fails", float)
     add(p, "--request-timeout", 600.0, "default and maximum total seconds per request", float)
-    add(p, "--max-body-bytes", 4 * 1024 * 1024, "largest accepted request body", int)
+    add(p, "--max-body-bytes", 32 * 1024 * 1024, "largest accepted request body", int)
     add(p, "--max-tokens-limit", 32768, "largest max_tokens accepted", int)
-    add(p, "--max-n", 16, "largest n accepted", int)
+    add(p, "--max-n", 128, "largest n accepted", int)
     add(p, "--max-queue", 10000, "requests that may wait per model (more: 429)", int)
     add(p, "--stream-replicas", 1, "replicas of the request stream (3 on a cluster)", int)
 
@@ -215,10 +217,14 @@ def build_gateway(args: argparse.Namespace, nats_url: str) -> Any:
             host=args.host,
             port=args.port,
             api_key=getattr(args, "api_key", "") or None,
+            cors_origins=tuple(
+                o.strip() for o in getattr(args, "cors_origins", "").split(",") if o.strip()
+            ),
+            model_grace_s=getattr(args, "model_grace", 30.0),
             limits=Limits(
-                max_body_bytes=getattr(args, "max_body_bytes", 4 * 1024 * 1024),
+                max_body_bytes=getattr(args, "max_body_bytes", 32 * 1024 * 1024),
                 max_tokens=getattr(args, "max_tokens_limit", 32768),
-                max_n=getattr(args, "max_n", 16),
+                max_n=getattr(args, "max_n", 128),
             ),
             dispatch=DispatchSettings(
                 queue_timeout_s=getattr(args, "queue_timeout", 60.0),

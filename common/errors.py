@@ -2,7 +2,7 @@
 
     FleetError                      (status, type, code, param, message, retry_after)
     ├── InvalidRequest              400 invalid_request_error
-    ├── Unauthorized                401 authentication_error
+    ├── Unauthorized                401 invalid_api_key
     ├── NotFound                    404 invalid_request_error (routes)
     │   └── ModelNotFound           404 model_not_found
     ├── MethodNotAllowed            405
@@ -87,7 +87,7 @@ class InvalidRequest(FleetError):
 
 class Unauthorized(FleetError):
     status = 401
-    type = "authentication_error"
+    type = "invalid_request_error"  # what api.openai.com sends with invalid_api_key
     code = "invalid_api_key"
 
 

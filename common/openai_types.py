@@ -1,7 +1,8 @@
 """Typed OpenAI request bodies, decoded once at each process boundary.
 
 Unknown fields are ignored (forward compatible, as vLLM and most peers do); known fields
-are type-checked and range-checked here. Limits that are deployment policy (max tokens,
+are type-checked and range-checked here. Every optional parameter also accepts an explicit
+`null`, meaning its default, as api.openai.com does. Limits that are deployment policy (max tokens,
 max batch size) are checked by `gateway.validate`, not here.
 """
 
@@ -22,7 +23,7 @@ ChoiceCount = Annotated[int, Meta(ge=1, le=128)]
 
 
 class StreamOptions(msgspec.Struct, omit_defaults=True):
-    include_usage: bool = False
+    include_usage: bool | None = None
 
 
 class ChatMessage(msgspec.Struct, omit_defaults=True):
@@ -48,8 +49,8 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
     messages: list[ChatMessage]
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
-    n: ChoiceCount = 1
-    stream: bool = False
+    n: ChoiceCount | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -67,19 +68,28 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def choices(self) -> int:
+        return self.n or 1
+
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    def wants_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class CompletionRequest(msgspec.Struct, omit_defaults=True):
     model: str
     prompt: str | list[str | int | list[int]]
     max_tokens: Annotated[int, Meta(ge=0)] | None = 16
-    n: ChoiceCount = 1
-    stream: bool = False
+    n: ChoiceCount | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    echo: bool = False
+    echo: bool | None = None
     suffix: str | None = None
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     presence_penalty: Penalty | None = None
@@ -87,14 +97,23 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True):
     best_of: PositiveInt | None = None
     user: str | None = None
 
-    def token_limit(self) -> int | None:
-        return self.max_tokens
+    def token_limit(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
+
+    def choices(self) -> int:
+        return self.n or 1
+
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    def wants_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class EmbeddingRequest(msgspec.Struct, omit_defaults=True):
     model: str
     input: str | list[str | int | list[int]]
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64"] | None = None
     dimensions: PositiveInt | None = None
     user: str | None = None
 

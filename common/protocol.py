@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from common.errors import ErrorBody
 
@@ -48,10 +49,14 @@ H_BODY_REF = "Llmfleet-Body-Ref"
 OPS = ("chat", "completion", "embedding")
 
 
-class Usage(msgspec.Struct, omit_defaults=False):
+class Usage(msgspec.Struct):
+    """Token counts; the details objects (cached, reasoning tokens) only when known."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: dict[str, Any] | UnsetType = UNSET
+    completion_tokens_details: dict[str, Any] | UnsetType = UNSET
 
 
 class ChoiceDelta(msgspec.Struct, omit_defaults=True):
@@ -60,6 +65,7 @@ class ChoiceDelta(msgspec.Struct, omit_defaults=True):
     index: int
     content: str | None = None
     reasoning_content: str | None = None
+    refusal: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None

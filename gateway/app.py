@@ -34,6 +34,7 @@ from gateway.dispatch import Dispatcher, Submission
 from gateway.http import (
     SSE_HEADERS,
     ClientGone,
+    Message,
     Receive,
     Scope,
     Send,
@@ -63,16 +64,19 @@ class GatewayStats(msgspec.Struct):
 
 
 def _timeout_header(scope: Scope) -> float | None:
-    for name in (b"x-llmfleet-timeout", b"x-stainless-timeout"):
-        v = header(scope, name)
-        if v:
-            try:
-                t = float(v)
-            except ValueError:
-                continue
-            if t > 0:
-                return t
-    return None
+    """`x-llmfleet-timeout: SECONDS`, the client's total budget for the request.
+
+    SDK timeout headers (`x-stainless-*`) are not used: they bound waiting for response
+    headers or between reads, not a whole stream, and must not cut a healthy stream off.
+    """
+    v = header(scope, b"x-llmfleet-timeout")
+    if not v:
+        return None
+    try:
+        t = float(v)
+    except ValueError:
+        return None
+    return t if t > 0 else None
 
 
 class GatewayApp:
@@ -84,7 +88,9 @@ class GatewayApp:
         limits: Limits,
         api_key: str | None,
         ready_check: Any,
+        cors_origins: tuple[str, ...] = (),
     ) -> None:
+        self.cors_origins = cors_origins
         self.dispatcher = dispatcher
         self.catalog = catalog
         self.limits = limits
@@ -97,6 +103,13 @@ class GatewayApp:
             return
         path: str = scope["path"]
         method: str = scope["method"]
+        if self.cors_origins:
+            origin = header(scope, b"origin")
+            send = _with_cors(send, origin, self.cors_origins)
+            if method == "OPTIONS" and origin is not None:
+                await send({"type": "http.response.start", "status": 204, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+                return
         try:
             op = _OPS.get(path.rstrip("/"))
             if op is not None:
@@ -115,13 +128,19 @@ class GatewayApp:
                 self._auth(scope)
                 await send_json(send, 200, self._models_body())
             elif path.startswith("/v1/models/"):
+                if method not in ("GET", "HEAD"):
+                    raise MethodNotAllowed(f"Use GET for {path}.")
                 self._auth(scope)
-                await self._model(path[len("/v1/models/") :], send)
+                await self._model(path[len("/v1/models/") :].rstrip("/"), send)
             else:
                 raise NotFound(f"Unknown path {path}.")
         except FleetError as err:
             self._count(err.status)
             await send_error(send, err)
+        except Exception:
+            log.exception("unhandled error on %s %s", method, path)
+            self.stats.server_errors += 1
+            await send_error(send, InternalError("The gateway failed to handle the request."))
 
     def _count(self, status: int) -> None:
         if status >= 500:
@@ -319,6 +338,27 @@ class GatewayApp:
             body = acc.embedding_body(parsed.model, usage)
         self.stats.ok += 1
         await send_json(send, 200, body, [*extra, *_worker_header(sub)])
+
+
+def _with_cors(send: Send, origin: str | None, allowed: tuple[str, ...]) -> Send:
+    """Add CORS headers for an allowed browser origin (`*` allows any)."""
+    if origin is None or ("*" not in allowed and origin not in allowed):
+        return send
+    extra = [
+        (b"access-control-allow-origin", origin.encode("latin-1")),
+        (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+        (b"access-control-allow-headers", b"authorization, content-type, x-llmfleet-timeout"),
+        (b"access-control-expose-headers", b"x-request-id, x-llmfleet-worker, retry-after"),
+        (b"access-control-max-age", b"600"),
+        (b"vary", b"origin"),
+    ]
+
+    async def cors_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return cors_send
 
 
 def _worker_header(sub: Submission) -> list[tuple[bytes, bytes]]:

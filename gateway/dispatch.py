@@ -82,10 +82,18 @@ class Submission:
                     continue  # a message type from a newer protocol revision: skip it
                 raise UpstreamError("A worker sent an unreadable reply message.") from exc
 
+    async def _get_opening(self, timeout: float, what: str) -> p.Reply:
+        """The first message of a (re)started stream, skipping stray heartbeats."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            msg = await self._get(deadline - asyncio.get_running_loop().time(), what)
+            if not isinstance(msg, p.Heartbeat):
+                return msg
+
     async def first(self) -> p.Accepted:
         """Wait (up to the queue timeout) for a worker to accept; raises on error/timeout."""
         try:
-            msg = await self._get(self._d.settings.queue_timeout_s, "queue")
+            msg = await self._get_opening(self._d.settings.queue_timeout_s, "queue")
         except _Timeout:
             await self._d.withdraw(self)
             retry = self._d.settings.retry_after_s
@@ -174,7 +182,7 @@ class Submission:
             # Hand the un-acked request back at once instead of waiting out ack_wait.
             await self._d.nc.publish(self.ack_subject, b"-NAK")
         try:
-            msg = await self._get(self._d.settings.redelivery_wait_s, "redelivery")
+            msg = await self._get_opening(self._d.settings.redelivery_wait_s, "redelivery")
         except _Timeout:
             raise ServiceUnavailable(
                 "The worker that took this request died and no other worker took it over.",

@@ -116,7 +116,12 @@ class StreamRenderer:
     def delta(self, msg: p.Delta) -> bytes:
         parts: list[bytes] = []
         for d in msg.choices:
-            has_body = bool(d.content) or d.reasoning_content is not None or d.tool_calls
+            has_body = (
+                bool(d.content)
+                or d.reasoning_content is not None
+                or d.refusal is not None
+                or d.tool_calls
+            )
             if self.chat:
                 if has_body or d.logprobs is not None:
                     cd = ChunkDelta(
@@ -124,6 +129,8 @@ class StreamRenderer:
                         reasoning_content=d.reasoning_content,
                         tool_calls=d.tool_calls,
                     )
+                    if d.refusal is not None:
+                        cd.refusal = d.refusal
                     parts.append(self._chat([ChatChunkChoice(d.index, cd, d.logprobs)]))
                 if d.finish_reason is not None:
                     parts.append(
@@ -165,10 +172,11 @@ class StreamRenderer:
 
 
 class _ChoiceAcc:
-    __slots__ = ("content", "finish_reason", "logprobs", "reasoning", "tool_calls")
+    __slots__ = ("content", "finish_reason", "logprobs", "reasoning", "refusal", "tool_calls")
 
     def __init__(self) -> None:
         self.content: list[str] = []
+        self.refusal: list[str] | None = None
         self.reasoning: list[str] | None = None
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
@@ -207,6 +215,8 @@ class Assembler:
                 acc.content.append(d.content)
             if d.reasoning_content is not None:
                 acc.reasoning = [*(acc.reasoning or []), d.reasoning_content]
+            if d.refusal is not None:
+                acc.refusal = [*(acc.refusal or []), d.refusal]
             for tc in d.tool_calls or []:
                 _merge_tool_call(acc.tool_calls, tc)
             if d.logprobs is not None:
@@ -228,7 +238,7 @@ class Assembler:
             message: dict[str, Any] = {
                 "role": "assistant",
                 "content": "".join(acc.content) if acc.content or not acc.tool_calls else None,
-                "refusal": None,
+                "refusal": "".join(acc.refusal) if acc.refusal is not None else None,
             }
             if acc.reasoning is not None:
                 message["reasoning_content"] = "".join(acc.reasoning)

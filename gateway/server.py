@@ -40,6 +40,7 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     queue: QueueSettings = QueueSettings()
     discover_wait_s: float = 0.5
     model_grace_s: float = 30.0
+    cors_origins: tuple[str, ...] = ()
     shutdown_grace_s: float = 30.0
 
 
@@ -125,6 +126,7 @@ class Gateway:
             limits=s.limits,
             api_key=s.api_key,
             ready_check=ready_check,
+            cors_origins=s.cors_origins,
         )
         config = uvicorn.Config(
             self.app,

@@ -19,12 +19,17 @@ from common.openai_types import (
 
 
 class Limits(msgspec.Struct, frozen=True):
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024
     max_tokens: int = 32_768
-    max_n: int = 16
+    max_n: int = 128
     max_messages: int = 4096
     max_stop: int = 16
     max_embedding_inputs: int = 2048
+    max_prompts: int = 2048
+    max_choices: int = 4096  # completions: prompts x n
+
+
+_CONTENT_REQUIRED = frozenset({"system", "user", "developer", "tool"})
 
 
 class Parsed(msgspec.Struct, frozen=True):
@@ -50,6 +55,14 @@ def _check_common(model: str, n: int, stop: str | list[str] | None, limits: Limi
         raise InvalidRequest(f"'stop' allows at most {limits.max_stop} sequences.", param="stop")
 
 
+def _check_stream_options(stream: bool | None, has_options: bool) -> None:
+    if has_options and not stream:
+        raise InvalidRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+
+
 def _check_tokens(value: int | None, param: str, limits: Limits) -> None:
     if value is not None and value > limits.max_tokens:
         raise InvalidRequest(f"'{param}' must be at most {limits.max_tokens}.", param=param)
@@ -61,7 +74,8 @@ def parse(op: str, body: bytes, limits: Limits) -> Parsed:
         match op:
             case "chat":
                 chat = CHAT_DECODER.decode(body)
-                _check_common(chat.model, chat.n, chat.stop, limits)
+                _check_common(chat.model, chat.choices(), chat.stop, limits)
+                _check_stream_options(chat.stream, chat.stream_options is not None)
                 if not chat.messages:
                     raise InvalidRequest("'messages' must not be empty.", param="messages")
                 if len(chat.messages) > limits.max_messages:
@@ -69,28 +83,37 @@ def parse(op: str, body: bytes, limits: Limits) -> Parsed:
                         f"'messages' allows at most {limits.max_messages} items.",
                         param="messages",
                     )
+                for i, m in enumerate(chat.messages):
+                    if m.content is None and m.role in _CONTENT_REQUIRED:
+                        raise InvalidRequest(
+                            f"'messages[{i}].content' is required for role '{m.role}'.",
+                            param=f"messages[{i}].content",
+                        )
                 _check_tokens(chat.max_tokens, "max_tokens", limits)
                 _check_tokens(chat.max_completion_tokens, "max_completion_tokens", limits)
-                usage = bool(
-                    chat.stream and chat.stream_options and chat.stream_options.include_usage
-                )
-                return Parsed("chat", chat.model, chat.stream, usage, chat.n, body)
+                usage = chat.streaming() and chat.wants_usage()
+                return Parsed("chat", chat.model, chat.streaming(), usage, chat.choices(), body)
             case "completion":
                 comp = COMPLETION_DECODER.decode(body)
-                _check_common(comp.model, comp.n, comp.stop, limits)
+                _check_common(comp.model, comp.choices(), comp.stop, limits)
+                _check_stream_options(comp.stream, comp.stream_options is not None)
                 _check_tokens(comp.max_tokens, "max_tokens", limits)
                 try:
                     prompts = prompt_texts(comp.prompt)
                 except ValueError as exc:
                     raise InvalidRequest(f"'prompt' {exc}.", param="prompt") from exc
-                if len(prompts) * comp.n > limits.max_n:
+                if len(prompts) > limits.max_prompts:
                     raise InvalidRequest(
-                        f"At most {limits.max_n} prompts x n per request.", param="prompt"
+                        f"'prompt' allows at most {limits.max_prompts} prompts.", param="prompt"
                     )
-                usage = bool(
-                    comp.stream and comp.stream_options and comp.stream_options.include_usage
-                )
-                return Parsed("completion", comp.model, comp.stream, usage, comp.n, body)
+                total = len(prompts) * comp.choices()
+                if total > limits.max_choices:
+                    raise InvalidRequest(
+                        f"At most {limits.max_choices} choices (prompts x n) per request.",
+                        param="n",
+                    )
+                usage = comp.streaming() and comp.wants_usage()
+                return Parsed("completion", comp.model, comp.streaming(), usage, total, body)
             case _:
                 emb = EMBEDDING_DECODER.decode(body)
                 _check_common(emb.model, 1, None, limits)
@@ -108,3 +131,5 @@ def parse(op: str, body: bytes, limits: Limits) -> Parsed:
                 return Parsed("embedding", emb.model, False, False, 1, body)
     except msgspec.DecodeError as exc:
         raise _decode_failure(exc) from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("Request body is not valid UTF-8.") from exc

@@ -102,7 +102,7 @@ _MAX_MERGED_CHARS = 64 * 1024
 
 
 def _mergeable(d: ChoiceDelta) -> bool:
-    return d.tool_calls is None and d.logprobs is None and d.finish_reason is None
+    return _text_only(d) and d.finish_reason is None
 
 
 def coalesce(batches: list[list[ChoiceDelta]]) -> list[list[ChoiceDelta]]:
@@ -153,7 +153,7 @@ def coalesce(batches: list[list[ChoiceDelta]]) -> list[list[ChoiceDelta]]:
 
 
 def _text_only(d: ChoiceDelta) -> bool:
-    return d.tool_calls is None and d.logprobs is None
+    return d.tool_calls is None and d.logprobs is None and d.refusal is None
 
 
 def _cat(a: str | None, b: str | None) -> str | None:

@@ -133,7 +133,7 @@ class ReplyWriter:
         self.subject = subject
         self.watch = watch
         self.seq = 0
-        self.last_sent = 0.0
+        self.last_sent = time.monotonic()
 
     def next_seq(self) -> int:
         s = self.seq
@@ -260,7 +260,8 @@ class JobHandle:
     async def keep_alive(self, heartbeat_s: float) -> None:
         if not self.acked:
             await self._nc.publish(self.ack_subject, b"+WPI")
-        if time.monotonic() - self.writer.last_sent >= heartbeat_s:
+        # Never before `accepted` (seq 0): a stream must start with it.
+        if self.writer.seq > 0 and time.monotonic() - self.writer.last_sent >= heartbeat_s:
             await self.writer.heartbeat()
 
 
@@ -354,6 +355,8 @@ async def _execute(
                 return result.usage
     except msgspec.DecodeError as exc:
         raise _decode_error(exc) from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("Request body is not valid UTF-8.") from exc
 
 
 async def _end_cancelled(

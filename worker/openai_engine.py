@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 import msgspec
+from msgspec import UNSET
 
 from common.errors import (
     EngineError,
@@ -81,6 +82,8 @@ class _UpUsage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: dict[str, Any] | None = None
+    completion_tokens_details: dict[str, Any] | None = None
 
 
 class _UpErrorBody(msgspec.Struct):
@@ -103,6 +106,7 @@ class _UpErrorDoc(msgspec.Struct):
 
 class _UpDelta(msgspec.Struct):
     content: str | None = None
+    refusal: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -194,15 +198,18 @@ def chunk_output(chunk: _UpChunk) -> Output | None:
     out: list[ChoiceDelta] = []
     for c in chunk.choices:
         d = c.delta
+        refusal = None
         if d is not None:
             content = d.content or None
             reasoning = d.reasoning_content or d.reasoning or None
             tool_calls = d.tool_calls or None
+            refusal = d.refusal or None
         else:
             content, reasoning, tool_calls = c.text or None, None, None
         if (
             content is None
             and reasoning is None
+            and refusal is None
             and tool_calls is None
             and c.logprobs is None
             and c.finish_reason is None
@@ -213,6 +220,7 @@ def chunk_output(chunk: _UpChunk) -> Output | None:
                 index=c.index,
                 content=content,
                 reasoning_content=reasoning,
+                refusal=refusal,
                 tool_calls=tool_calls,
                 logprobs=c.logprobs,
                 finish_reason=c.finish_reason,
@@ -518,4 +526,6 @@ class _StreamState:
             prompt_tokens=u.prompt_tokens,
             completion_tokens=u.completion_tokens,
             total_tokens=u.total_tokens or u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details=u.prompt_tokens_details or UNSET,
+            completion_tokens_details=u.completion_tokens_details or UNSET,
         )

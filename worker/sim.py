@@ -1,5 +1,7 @@
 """`sim`: a deterministic simulated model for development, tests and benchmarks.
 
+What it answers is decided in `worker/sim_plan.py`; this module plays it out in time.
+
 It is honest about being simulated: its catalog entry says `simulated: true`. Output is a
 stream of words chosen by hashing (prompt, seed, choice, position), so the same request
 gives the same text, streamed or not. A "token" is one word; prompt tokens are the words
@@ -15,7 +17,8 @@ import base64
 import hashlib
 import math
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import msgspec
 
@@ -27,12 +30,7 @@ from common.openai_types import (
 )
 from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
-
-_VOCAB = (
-    "the fleet serves every request with care and the broker keeps the queue fair while "
-    "workers stream tokens back through reply inboxes so clients see answers arrive one "
-    "word at a time from models loaded on hosts that joined over outbound links only"
-).split()
+from worker.sim_plan import Plan, chat_logprobs, completion_logprobs, plan_chat, plan_completion
 
 
 class SimSettings(msgspec.Struct, frozen=True):
@@ -44,34 +42,6 @@ class SimSettings(msgspec.Struct, frozen=True):
 
 def _words(text: str) -> list[str]:
     return text.split()
-
-
-def sim_word(key: bytes, i: int) -> str:
-    h = hashlib.blake2b(key + i.to_bytes(4, "little"), digest_size=4).digest()
-    return _VOCAB[int.from_bytes(h, "little") % len(_VOCAB)]
-
-
-def sim_text(key: bytes, count: int) -> list[str]:
-    """The pieces of a simulated answer: `count` words, the first without a leading space."""
-    return [(" " if i else "") + sim_word(key, i) for i in range(count)]
-
-
-def apply_stop(pieces: list[str], stop: list[str]) -> tuple[list[str], bool]:
-    """Cut `pieces` before the first stop string; returns (pieces, stopped)."""
-    if not stop:
-        return pieces, False
-    text = ""
-    for i, p in enumerate(pieces):
-        text += p
-        hits = [text.find(s) for s in stop if s and s in text]
-        if hits:
-            cut = min(hits)
-            before = "".join(pieces[:i])
-            kept = pieces[:i]
-            if cut > len(before):
-                kept = [*kept, text[len(before) : cut]]
-            return kept, True
-    return pieces, False
 
 
 def embed_text(text: str, dim: int) -> list[float]:
@@ -111,58 +81,57 @@ class SimEngine:
         return None
 
     def chat(self, req: ChatRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
-        prompt = "\n".join(m.text() for m in req.messages)
-        return self._generate(prompt, req.n, req.token_limit(), req.seed, req.stop)
+        plans, prompt_tokens = plan_chat(req, self.settings.tokens)
+        top = req.top_logprobs or 0
+        logprobs = (lambda piece, _off: chat_logprobs(piece, top)) if req.logprobs else None
+        return self._play(plans, prompt_tokens, logprobs)
 
     def complete(self, req: CompletionRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
-        prompts = prompt_texts(req.prompt)
-        prompt = "\n".join(p if isinstance(p, str) else " ".join(map(str, p)) for p in prompts)
-        return self._generate(prompt, req.n, req.max_tokens, req.seed, req.stop)
+        plans, prompt_tokens = plan_completion(req, self.settings.tokens)
+        logprobs = completion_logprobs if req.logprobs is not None else None
+        return self._play(plans, prompt_tokens, logprobs)
 
-    async def _generate(
+    async def _play(
         self,
-        prompt: str,
-        n: int,
-        limit: int | None,
-        seed: int | None,
-        stop: str | list[str] | None,
+        plans: list[Plan],
+        prompt_tokens: int,
+        logprobs: Callable[[str, int], dict[str, Any]] | None,
     ) -> AsyncIterator[EngineEvent]:
+        """Emit the plans on the simulated clock: piece i of every choice at ttft + i*itl."""
         s = self.settings
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        count = s.tokens if limit is None else min(limit, s.tokens)
-        base = hashlib.blake2b(f"{seed}|{prompt}".encode(), digest_size=16).digest()
-        answers: list[list[str]] = []
-        finish: list[str] = []
-        for c in range(n):
-            pieces, stopped = apply_stop(sim_text(base + bytes([c % 256]), count), stops)
-            answers.append(pieces)
-            hit_limit = limit is not None and limit <= s.tokens and not stopped
-            finish.append("length" if hit_limit else "stop")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        longest = max((len(a) for a in answers), default=0)
+        offsets = [0] * len(plans)
+        longest = max((max(len(pl.pieces), 1) for pl in plans), default=0)
         for i in range(longest):
             due = t0 + (s.ttft_ms + i * s.itl_ms) / 1000.0
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             out: list[ChoiceDelta] = []
-            for c, pieces in enumerate(answers):
-                if i < len(pieces):
-                    last = i == len(pieces) - 1
-                    out.append(
-                        ChoiceDelta(
-                            index=c,
-                            content=pieces[i],
-                            finish_reason=finish[c] if last else None,
-                        )
+            for k, pl in enumerate(plans):
+                last = i == max(len(pl.pieces), 1) - 1
+                if pl.tool_calls is not None:
+                    if i == 0:
+                        out.append(ChoiceDelta(pl.index, tool_calls=pl.tool_calls))
+                        out.append(ChoiceDelta(pl.index, finish_reason=pl.finish_reason))
+                    continue
+                if i >= max(len(pl.pieces), 1):
+                    continue
+                piece = pl.pieces[i] if pl.pieces else ""
+                out.append(
+                    ChoiceDelta(
+                        pl.index,
+                        content=piece,
+                        logprobs=logprobs(piece, offsets[k]) if logprobs and piece else None,
+                        finish_reason=pl.finish_reason if last else None,
                     )
+                )
+                offsets[k] += len(piece)
             yield Output(choices=out)
-        for c, pieces in enumerate(answers):
-            if not pieces:
-                yield Output(choices=[ChoiceDelta(index=c, content="", finish_reason=finish[c])])
-        prompt_tokens = len(_words(prompt))
-        completion_tokens = sum(len(a) for a in answers)
+        completion_tokens = sum(
+            len(pl.pieces) if pl.tool_calls is None else _tool_tokens(pl) for pl in plans
+        )
         yield Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -183,3 +152,7 @@ class SimEngine:
             embeddings=data,
             usage=Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens),
         )
+
+
+def _tool_tokens(plan: Plan) -> int:
+    return sum(len(str(c["function"]["arguments"]).split()) for c in plan.tool_calls or [])

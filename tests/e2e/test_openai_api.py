@@ -273,11 +273,24 @@ def _post(gw: Gateway, path: str, content: bytes) -> httpx.Response:
         (b'{"model": "m", "messages": "hi"}', "messages"),
         (b'{"model": "m", "messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role"),
         (b'{"model": "m", "messages": [], "max_tokens": 5}', "messages"),
-        (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": "5"}', "max_tokens"),
-        (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 0}', "max_tokens"),
-        (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 10000000}', "max_tokens"),
-        (b'{"model": "m", "messages": [{"role": "user"}], "n": 1000}', "n"),
-        (b'{"model": "m", "messages": [{"role": "user"}], "temperature": 9}', "temperature"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}',
+            "max_tokens",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+            "max_tokens",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], '
+            b'"max_tokens": 10000000}',
+            "max_tokens",
+        ),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 1000}', "n"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 9}',
+            "temperature",
+        ),
     ],
 )
 def test_bad_chat_requests_are_400(gw: Gateway, body: bytes, param: str | None) -> None:
@@ -355,3 +368,123 @@ async def test_64_concurrent_streams(gw: Gateway) -> None:
         results = await asyncio.gather(*(one(i) for i in range(64)))
     assert len(results) == 64
     assert all(len(text.split()) == 12 and usage == 12 for text, usage in results)
+
+
+# ---- output-shaping parameters (the sim honours them) ------------------------------------
+
+
+def test_completions_batch_of_prompts_gives_prompts_times_n_choices(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=SIM, prompt=["a b", "c d"], max_tokens=2, n=2, seed=3)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text != r.choices[2].text  # different prompts, different answers
+    assert r.usage is not None and r.usage.completion_tokens == 8 and r.usage.prompt_tokens == 4
+    echo = client.completions.create(model=SIM, prompt="say it", max_tokens=2, echo=True)
+    assert echo.choices[0].text.startswith("say it ")
+
+
+def test_structured_output_parses(client: openai.OpenAI) -> None:
+    from pydantic import BaseModel  # noqa: PLC0415
+
+    class Pet(BaseModel):
+        name: str
+        legs: int
+        tags: list[str]
+
+    r = client.chat.completions.parse(model=SIM, messages=HELLO, response_format=Pet)  # type: ignore[arg-type]
+    assert r.choices[0].message.parsed == Pet(name="sim", legs=0, tags=[])
+    j = client.chat.completions.create(
+        model=SIM,
+        messages=HELLO,  # type: ignore[arg-type]
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(j.choices[0].message.content or ""), dict)
+
+
+def test_required_tool_call(client: openai.OpenAI) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    r = client.chat.completions.create(
+        model=SIM,
+        messages=HELLO,  # type: ignore[arg-type]
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice="required",
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.function.arguments) == {"city": "sim"}  # type: ignore[union-attr]
+    chunks = list(
+        client.chat.completions.create(
+            model=SIM,
+            messages=HELLO,  # type: ignore[arg-type]
+            tools=tools,  # type: ignore[arg-type]
+            tool_choice="required",
+            stream=True,
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert deltas[0].tool_calls[0].function.name == "get_weather"  # type: ignore[index,union-attr]
+
+
+def test_logprobs(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model=SIM,
+        messages=HELLO,  # type: ignore[arg-type]
+        max_tokens=3,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.content is not None and len(lp.content) == 3
+    assert len(lp.content[0].top_logprobs) == 2
+    c = client.completions.create(model=SIM, prompt="x", max_tokens=3, logprobs=1)
+    assert c.choices[0].logprobs is not None
+    assert len(c.choices[0].logprobs.tokens or []) == 3
+
+
+# ---- HTTP details ------------------------------------------------------------------------
+
+
+def test_explicit_nulls_and_bad_utf8(gw: Gateway) -> None:
+    r = httpx.post(
+        gw.base_url + "/chat/completions",
+        json={"model": SIM, "messages": HELLO, "n": None, "stream": None, "max_tokens": 2},
+    )
+    assert r.status_code == 200
+    bad = _post(
+        gw, "/chat/completions", b'{"model":"m","messages":[{"role":"user","content":"\xff"}]}'
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_model_routes_methods_and_slashes(gw: Gateway) -> None:
+    assert httpx.post(gw.base_url + "/models").status_code == 405
+    assert httpx.delete(gw.base_url + f"/models/{SIM}").status_code == 405
+    assert httpx.get(gw.base_url + f"/models/{SIM}/").json()["id"] == SIM
+
+
+def test_cors_when_enabled(fleet: Fleet, gw: Gateway) -> None:
+    cors = fleet.gateway("--cors-origins", "http://app.example", wait_models=(SIM,))
+    pre = httpx.options(
+        cors.base_url + "/chat/completions",
+        headers={"origin": "http://app.example", "access-control-request-method": "POST"},
+    )
+    assert pre.status_code == 204
+    assert pre.headers["access-control-allow-origin"] == "http://app.example"
+    r = httpx.get(cors.base_url + "/models", headers={"origin": "http://app.example"})
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+    other = httpx.get(cors.base_url + "/models", headers={"origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers

@@ -39,7 +39,7 @@ def test_catalog_stopped_removes_and_draining_adds_no_slots() -> None:
     assert build_snapshot(t).models["m"].workers == ("b",)
 
 
-LIMITS = Limits(max_tokens=100, max_n=4, max_messages=3, max_embedding_inputs=2)
+LIMITS = Limits(max_tokens=100, max_n=4, max_messages=3, max_embedding_inputs=2, max_choices=4)
 
 
 def test_parse_chat() -> None:
@@ -55,16 +55,29 @@ def test_parse_chat() -> None:
 @pytest.mark.parametrize(
     ("op", "body", "param"),
     [
-        ("chat", b'{"model":"m","messages":[{"role":"user"}],"max_tokens":101}', "max_tokens"),
-        ("chat", b'{"model":"m","messages":[{"role":"user"}],"n":5}', "n"),
-        ("chat", b'{"model":"","messages":[{"role":"user"}]}', "model"),
         (
             "chat",
-            b'{"model":"m","messages":[' + b'{"role":"user"},' * 3 + b'{"role":"user"}]}',
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":101}',
+            "max_tokens",
+        ),
+        ("chat", b'{"model":"m","messages":[{"role":"user","content":"x"}],"n":5}', "n"),
+        ("chat", b'{"model":"","messages":[{"role":"user","content":"x"}]}', "model"),
+        (
+            "chat",
+            b'{"model":"m","messages":['
+            + b'{"role":"user","content":"x"},' * 3
+            + b'{"role":"user","content":"x"}]}',
             "messages",
         ),
         ("completion", b'{"model":"m","prompt":["a",1]}', "prompt"),
-        ("completion", b'{"model":"m","prompt":["a","b","c"],"n":2}', "prompt"),
+        ("completion", b'{"model":"m","prompt":["a","b","c"],"n":2}', "n"),
+        ("chat", b'{"model":"m","messages":[{"role":"user"}]}', "messages[0].content"),
+        (
+            "chat",
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],'
+            b'"stream_options":{"include_usage":true}}',
+            "stream_options",
+        ),
         ("embedding", b'{"model":"m","input":["a","b","c"]}', "input"),
         ("embedding", b'{"model":"m","input":""}', "input"),
         ("embedding", b'{"model":"m","input":"x","encoding_format":"hex"}', "encoding_format"),
@@ -80,3 +93,14 @@ def test_parse_rejects_with_param(op: str, body: bytes, param: str) -> None:
 def test_parse_embedding_token_inputs() -> None:
     assert parse("embedding", b'{"model":"m","input":[1,2,3]}', LIMITS).op == "embedding"
     assert parse("embedding", b'{"model":"m","input":[[1],[2]]}', LIMITS).n == 1
+
+
+def test_explicit_nulls_mean_defaults() -> None:
+    body = (
+        b'{"model":"m","messages":[{"role":"user","content":"x"}],"n":null,"stream":null,'
+        b'"max_tokens":null,"temperature":null}'
+    )
+    got = parse("chat", body, LIMITS)
+    assert (got.n, got.stream, got.include_usage) == (1, False, False)
+    emb = parse("embedding", b'{"model":"m","input":"x","encoding_format":null}', LIMITS)
+    assert emb.op == "embedding"

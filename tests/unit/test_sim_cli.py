@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from common.cli import build_parser
-from worker.sim import apply_stop, embed_text, sim_text
+from worker.sim import embed_text
+from worker.sim_plan import apply_stop, sim_text
 
 
 def test_sim_text_is_deterministic() -> None:
@@ -48,3 +49,28 @@ def test_bad_environment_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("LLMFLEET_PORT", "eighty")
     with pytest.raises(SystemExit, match="LLMFLEET_PORT"):
         build_parser()
+
+
+def test_schema_instance_validates_common_shapes() -> None:
+    from worker.sim_plan import schema_instance  # noqa: PLC0415
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer", "minimum": 3},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "kind": {"enum": ["a", "b"]},
+            "pet": {"$ref": "#/$defs/Pet"},
+            "maybe": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        },
+        "$defs": {"Pet": {"type": "object", "properties": {"ok": {"type": "boolean"}}}},
+    }
+    assert schema_instance(schema) == {
+        "name": "sim",
+        "age": 3,
+        "tags": ["sim"],
+        "kind": "a",
+        "pet": {"ok": False},
+        "maybe": 0.0,
+    }
