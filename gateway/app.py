@@ -216,7 +216,7 @@ class GatewayApp:
             await self._run(parsed, sub, receive, send, rid, extra)
         finally:
             self.stats.in_flight -= 1
-            sub.close()
+            await sub.close()
 
     async def _run(
         self,

@@ -96,6 +96,14 @@ class Submission:
             msg = await self._get_opening(self._d.settings.queue_timeout_s, "queue")
         except _Timeout:
             await self._d.withdraw(self)
+            try:  # a worker may have taken it while we withdrew: then serve it after all
+                late: p.Reply | None = await self._get_opening(0.0, "queue")
+            except _Timeout:
+                late = None
+            if isinstance(late, p.Accepted):
+                self._d.queue_timeouts -= 1
+                return self._on_first(late)
+            await self.close()  # from here on, a late `accepted` is cancelled at once
             retry = self._d.settings.retry_after_s
             raise ServiceUnavailable(
                 "No worker had capacity for this model within the queue timeout.",
@@ -192,8 +200,23 @@ class Submission:
         self._on_first(msg)
         self._d.redelivered += 1
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop listening. A worker whose `accepted` was never read (it arrived while the
+        request was being given up) is told to cancel: nobody will read its stream. Later
+        messages go to the mux's orphan handling, which does the same."""
         self._d.mux.close(self._rq)
+        if self.terminal:
+            return
+        while not self._rq.queue.empty():
+            data = self._rq.queue.get_nowait()
+            if b'"accepted"' not in data:
+                continue
+            try:
+                msg = p.decode_reply(data)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(msg, p.Accepted):
+                await self._d.send_cancel(msg.worker, msg.request_id or self.request_id)
 
 
 class _Timeout(Exception):
