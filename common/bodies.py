@@ -14,7 +14,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
 from nats.js.object_store import ObjectStore
 
 from common.errors import InvalidRequest, ServiceUnavailable
@@ -54,10 +54,12 @@ class BodyStore:
                 )
         return self._obs
 
-    async def put(self, name: str, body: bytes) -> str:
-        """Store `body`; returns the reference for the `Llmfleet-Body-Ref` header."""
+    async def put(self, name: str, body: bytes, max_payload: int) -> str:
+        """Store `body` in chunks that fit `max_payload`; returns the `Llmfleet-Body-Ref`."""
+        chunk = max(1024, min(128 * 1024, max_payload - 4096))
+        meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk))
         try:
-            await (await self._store()).put(name, body)
+            await (await self._store()).put(name, body, meta=meta)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise ServiceUnavailable("Could not store the request body.") from exc
         return f"{BUCKET}/{name}"

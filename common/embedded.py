@@ -108,7 +108,9 @@ class EmbeddedNats:
         quiet: bool = True,
         server_name: str = "llmfleet",
         extra: str = "",
+        max_payload: int = MAX_PAYLOAD,
     ) -> None:
+        self.max_payload = max_payload
         self.server_name = server_name
         self.extra = extra
         self.host = host
@@ -137,6 +139,7 @@ class EmbeddedNats:
                 http_port=self.http_port,
                 server_name=self.server_name,
                 extra=self.extra,
+                max_payload=self.max_payload,
             )
         )
         out = subprocess.DEVNULL if self.quiet else None

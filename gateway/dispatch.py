@@ -291,7 +291,9 @@ class Dispatcher:
                         f"{self.nc.max_payload} bytes.",
                     )
                 # Too big for one message: pass the body by reference (object store).
-                headers[p.H_BODY_REF] = await self.bodies.put(request_id, payload)
+                headers[p.H_BODY_REF] = await self.bodies.put(
+                    request_id, payload, self.nc.max_payload
+                )
                 payload = b""
                 self.by_reference += 1
             seq = await self._publish(names.request_subject(parsed.model), payload, headers)
