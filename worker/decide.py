@@ -17,7 +17,19 @@ class RunnerState(enum.Enum):
     STOPPED = "stopped"
 
 
-def pull_batch(max_concurrency: int, running: int, credits: int, state: RunnerState) -> int:
+MAX_OPEN_PULLS = 64
+"""Open pull requests per runner at most: enough to take a burst at once (each delivery
+opens the next), few enough that a large `max_concurrency` does not flood the broker's
+waiting-request list (a consumer keeps at most `max_waiting` of them)."""
+
+
+def pull_batch(
+    max_concurrency: int,
+    running: int,
+    credits: int,
+    state: RunnerState,
+    max_open: int = MAX_OPEN_PULLS,
+) -> int:
     """How many more messages to ask the broker for now (0: none).
 
     `credits` are messages already asked for and not yet delivered or expired. Running
@@ -26,7 +38,7 @@ def pull_batch(max_concurrency: int, running: int, credits: int, state: RunnerSt
     """
     if state is not RunnerState.READY:
         return 0
-    return max(0, max_concurrency - running - credits)
+    return max(0, min(max_concurrency - running, max_open) - credits)
 
 
 class Admission(enum.Enum):

@@ -137,6 +137,7 @@ class ModelRunner:
         self._tokens = itertools.count(1)
         self._state = RunnerState.STARTING
         self._tg: asyncio.TaskGroup | None = None
+        self._pull_backoff_until = 0.0
         self._drain_deadline: float | None = None
         self._completed = 0
         self._failed = 0
@@ -217,7 +218,7 @@ class ModelRunner:
 
     async def _top_up(self) -> None:
         n = pull_batch(self.max_concurrency, len(self._jobs), len(self._pulls), self._state)
-        if n <= 0:
+        if n <= 0 or asyncio.get_running_loop().time() < self._pull_backoff_until:
             return
         expires = self.settings.pull_expires_s
         deadline = asyncio.get_running_loop().time() + expires
@@ -233,9 +234,12 @@ class ModelRunner:
                 if self._pulls:
                     self._pulls.popitem(last=False)
                 await self._on_delivered(msg)
-            case PullEnded(pull_id=pid):
+            case PullEnded(pull_id=pid, status=status):
                 if self._pulls.pop(pid, None) is None and self._pulls:
                     self._pulls.popitem(last=False)
+                if status != "408":  # 409 etc.: the broker refused the pull; do not spin
+                    log.warning("pull for %s refused: status %s", self.model_id, status)
+                    self._pull_backoff_until = asyncio.get_running_loop().time() + 1.0
             case JobFinished(result=res):
                 job = self._jobs.pop(res.request_id, None)
                 if job is not None:

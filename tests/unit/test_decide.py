@@ -20,6 +20,8 @@ def test_pull_batch_never_overcommits() -> None:
     assert pull_batch(2, 5, 0, READY) == 0
     assert pull_batch(4, 0, 0, RunnerState.DRAINING) == 0
     assert pull_batch(4, 0, 0, RunnerState.STARTING) == 0
+    assert pull_batch(5000, 10, 0, READY) == 64  # never floods the broker with pulls
+    assert pull_batch(5000, 10, 60, READY) == 4
 
 
 def test_admit() -> None:

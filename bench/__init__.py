@@ -1,0 +1,1 @@
+"""llmfleet benchmarks: run with `make bench` (see docs/benchmarks.md)."""
