@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from common.httppool import ShardedClient
+
 
 def pct(values: list[float], q: float) -> float:
     if not values:
@@ -44,8 +46,9 @@ def _chat_body(model: str, max_tokens: int, stream: bool) -> dict[str, object]:
 
 
 async def one_stream(
-    http: httpx.AsyncClient, url: str, model: str, max_tokens: int, itl_s: float | None = None
+    pool: ShardedClient, url: str, model: str, max_tokens: int, itl_s: float | None = None
 ) -> StreamResult:
+    http = pool.client()
     t0 = time.perf_counter()
     first: float | None = None
     last = t0
@@ -92,8 +95,7 @@ async def latency_run(
 ) -> list[StreamResult]:
     """`requests` streaming requests, `concurrency` at a time (closed loop)."""
     results: list[StreamResult] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits, headers=_auth()) as http:
+    async with ShardedClient(concurrency, timeout=60, headers=_auth()) as http:
         remaining = requests
 
         async def loop() -> None:
@@ -113,21 +115,21 @@ def _auth() -> dict[str, str]:
 
 
 async def throughput_run(
-    url: str, model: str, concurrency: int, seconds: float
+    url: str, model: str, concurrency: int, seconds: float, max_tokens: int = 1
 ) -> tuple[float, list[float], int]:
-    """Non-streaming, max_tokens 1, closed loop: (req/s, latencies, errors)."""
-    body = json.dumps(_chat_body(model, 1, False)).encode()
+    """Non-streaming, closed loop: (req/s, latencies, errors)."""
+    body = json.dumps(_chat_body(model, max_tokens, False)).encode()
     lat: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {**_auth(), "content-type": "application/json"}
-    async with httpx.AsyncClient(timeout=60, limits=limits, headers=headers) as http:
+    async with ShardedClient(concurrency, timeout=60, headers=headers) as pool:
         for _ in range(concurrency):
-            await http.post(url + "/chat/completions", content=body)
+            await pool.client().post(url + "/chat/completions", content=body)
         end = time.perf_counter() + seconds
 
         async def loop() -> None:
             nonlocal errors
+            http = pool.client()
             while time.perf_counter() < end:
                 t = time.perf_counter()
                 r = await http.post(url + "/chat/completions", content=body)
@@ -147,8 +149,7 @@ async def capacity_run(
 ) -> tuple[list[StreamResult], float]:
     """`streams` concurrent paced streams, restarted as they end, for `seconds`."""
     results: list[StreamResult] = []
-    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
-    async with httpx.AsyncClient(timeout=120, limits=limits, headers=_auth()) as http:
+    async with ShardedClient(streams, timeout=120, headers=_auth()) as http:
         end = time.perf_counter() + seconds
 
         async def loop(i: int) -> None:
@@ -187,13 +188,12 @@ async def overload_run(url: str, model: str, rate: float, seconds: float) -> dic
     waits: list[float] = []
     tasks = []
     headers = {**_auth(), "content-type": "application/json"}
-    limits = httpx.Limits(max_connections=4000, max_keepalive_connections=4000)
-    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as http:
+    async with ShardedClient(4096, timeout=120, headers=headers) as pool:
 
         async def fire() -> None:
             t = time.perf_counter()
             try:
-                r = await http.post(url + "/chat/completions", content=body)
+                r = await pool.client().post(url + "/chat/completions", content=body)
             except httpx.HTTPError:
                 outcomes["failed"] += 1
                 return

@@ -44,6 +44,7 @@ from common.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
+from common.httppool import ShardedClient
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
@@ -297,15 +298,15 @@ def _display_url(base_url: str) -> str:
 class OpenAIEngine:
     """Proxies one served model to an OpenAI-compatible upstream.
 
-    Owns one `httpx.AsyncClient` between `start()` and `aclose()`; requests made outside
-    that window raise ServiceUnavailable. Safe for many concurrent requests (httpx pools).
+    Owns a `ShardedClient` (several small httpx pools) between `start()` and `aclose()`;
+    requests made outside that window raise ServiceUnavailable.
     """
 
     def __init__(self, settings: OpenAISettings) -> None:
         self.settings = settings
         self._model = settings.upstream_model or settings.served_model
         self._url = _display_url(settings.base_url)
-        self._client: httpx.AsyncClient | None = None
+        self._client: ShardedClient | None = None
         s = settings
         self._stream_timeout = httpx.Timeout(
             connect=s.connect_timeout_s, read=None, write=s.timeout_s, pool=s.timeout_s
@@ -321,15 +322,11 @@ class OpenAIEngine:
         headers = {"Accept-Encoding": "identity"}
         if s.api_key:
             headers["Authorization"] = f"Bearer {s.api_key}"
-        self._client = httpx.AsyncClient(
+        self._client = ShardedClient(
+            s.max_connections,
             base_url=s.base_url,
             headers=headers,
             timeout=httpx.Timeout(s.timeout_s, connect=s.connect_timeout_s),
-            limits=httpx.Limits(
-                max_connections=s.max_connections,
-                max_keepalive_connections=s.max_connections,
-                keepalive_expiry=30.0,
-            ),
             # The upstream is an internal server: never route it through an env proxy.
             trust_env=False,
         )
@@ -347,7 +344,7 @@ class OpenAIEngine:
         next_log = loop.time()
         while True:
             try:
-                r = await self._client.get("/models", timeout=5.0)
+                r = await self._client.client().get("/models", timeout=5.0)
                 if r.status_code < 500:  # up (a 401/404 shows on requests, clearly)
                     return
                 why = f"HTTP {r.status_code}"
@@ -403,7 +400,7 @@ class OpenAIEngine:
     def _require_client(self) -> httpx.AsyncClient:
         if self._client is None:
             raise ServiceUnavailable("the openai engine is not running")
-        return self._client
+        return self._client.client()
 
     def _rewrite(self, raw: bytes, *, stream: bool) -> bytes:
         """The client's body with `model` (and, for streams, `stream*`) set for upstream."""

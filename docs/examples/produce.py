@@ -4,18 +4,25 @@ imports) and print its reply stream until the terminal message.
     pip install nats-py
     python docs/examples/produce.py [--nats nats://127.0.0.1:4222] [--model sim-model] [TEXT]
 
-Wire protocol: docs/protocol.md.
+It follows the reader's rules of docs/protocol.md: skip unknown message types, check `seq`
+(and `heartbeat.last_seq`), accept a second `accepted` before any content (a redelivery),
+and treat a silent worker as gone (ping it; hand the request back with -NAK if it died
+before its first output).
 """
 
 import argparse
 import asyncio
 import json
+import sys
 import time
 import uuid
 
 import nats
+import nats.errors
 
 SAFE = set(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+KNOWN = {"accepted", "delta", "embedding", "heartbeat", "done", "error"}
+SILENCE_S = 3.0  # a live worker sends something at least every ~1.5 s once it accepted
 
 
 def escape_model(model_id: str) -> str:
@@ -23,28 +30,53 @@ def escape_model(model_id: str) -> str:
     return "".join(chr(b) if b in SAFE else f"={b:02X}" for b in model_id.encode())
 
 
-async def main() -> None:
+def header_bytes(headers: dict[str, str]) -> int:
+    """Size of the NATS header block, which counts towards the server's max_payload."""
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
+
+
+async def alive(nc: nats.NATS, worker: str) -> bool:
+    """Ping the worker's control subject: no responders (or no answer) means it is gone."""
+    try:
+        await nc.request(f"llmfleet.ctl.{worker}", b'{"type":"ping"}', timeout=1.0)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return False
+    return True
+
+
+async def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nats", default="nats://127.0.0.1:4222")
     ap.add_argument("--model", default="sim-model")
+    ap.add_argument("--queue-wait", type=float, default=600.0, help="seconds to wait in the queue")
     ap.add_argument("text", nargs="?", default="Hello")
     args = ap.parse_args()
 
     nc = await nats.connect(args.nats)
+    try:
+        return await produce(nc, args)
+    finally:
+        await nc.close()
+
+
+async def produce(nc: nats.NATS, args: argparse.Namespace) -> int:
     js = nc.jetstream()
 
-    # 1. Subscribe to a reply subject of our own BEFORE publishing the request.
+    # 1. Subscribe to a reply subject of our own BEFORE publishing the request, and stay
+    #    subscribed until the terminal message (unsubscribing early cancels the request).
     request_id = uuid.uuid4().hex
     reply_subject = f"_INBOX.produce.{request_id}"
     sub = await nc.subscribe(reply_subject)
     await nc.flush()
 
     # 2. Publish the OpenAI body to the model's request subject, through JetStream.
-    body = {
-        "model": args.model,
-        "messages": [{"role": "user", "content": args.text}],
-        "max_tokens": 16,
-    }
+    body = json.dumps(
+        {
+            "model": args.model,
+            "messages": [{"role": "user", "content": args.text}],
+            "max_tokens": 16,
+        }
+    ).encode()
     now_ms = int(time.time() * 1000)
     headers = {
         "Llmfleet-Version": "1",
@@ -52,25 +84,63 @@ async def main() -> None:
         "Llmfleet-Request-Id": request_id,
         "Nats-Msg-Id": request_id,  # a re-publish within 2 minutes is deduplicated
         "Llmfleet-Reply": reply_subject,
-        "Llmfleet-Start-By": str(now_ms + 10 * 60_000),  # drop if not started in 10 min
+        "Llmfleet-Start-By": str(now_ms + int(args.queue_wait * 1000)),  # else dropped unrun
         "Llmfleet-Deadline": str(now_ms + 15 * 60_000),  # cut generation off at 15 min
     }
-    ack = await js.publish(
-        f"llmfleet.req.{escape_model(args.model)}", json.dumps(body).encode(), headers=headers
-    )
+    if len(body) + header_bytes(headers) > nc.max_payload:
+        # Over max_payload the server would close the connection: pass the body by
+        # reference instead (object store LLMFLEET_BODIES, see docs/protocol.md).
+        print("body too large for one message", file=sys.stderr)
+        return 2
+    ack = await js.publish(f"llmfleet.req.{escape_model(args.model)}", body, headers=headers)
     print(f"queued: stream {ack.stream} seq {ack.seq}")
 
     # 3. Read the reply stream until exactly one terminal message (done or error).
-    #    The timeout is ours to choose: a batch producer may wait a long time in the queue.
+    worker, ack_subject, expect, started = None, "", 0, False
     while True:
-        msg = await sub.next_msg(timeout=600)
+        timeout = args.queue_wait if worker is None else SILENCE_S
+        try:
+            msg = await sub.next_msg(timeout=timeout)
+        except nats.errors.TimeoutError:
+            if worker is None:
+                print("no worker took the request in time", file=sys.stderr)
+                return 1
+            if await alive(nc, worker):
+                continue  # alive but slow to say so: keep waiting
+            if started:
+                print(f"worker {worker} died mid-stream", file=sys.stderr)
+                return 1
+            # Died before its first output: hand the request back for another worker.
+            await nc.publish(ack_subject, b"-NAK")
+            worker = None
+            continue
         reply = json.loads(msg.data)
+        kind = reply.get("type")
+        if kind not in KNOWN:
+            continue  # a message type from a newer protocol revision
         print(json.dumps(reply))
-        if reply["type"] in ("done", "error"):
+        if kind == "heartbeat":
+            if worker is not None and reply["last_seq"] != expect - 1:
+                print("a reply message was lost", file=sys.stderr)
+                return 1
+            continue
+        if kind == "accepted":
+            if started:
+                print("restarted after content: giving up", file=sys.stderr)
+                return 1
+            worker, ack_subject, expect = reply["worker"], reply.get("ack_subject", ""), 1
+            continue
+        if kind == "error" and reply["seq"] == 0:
+            return 1  # refused outright (unreadable, expired, too many deliveries)
+        if reply["seq"] != expect:
+            print(f"gap: expected seq {expect}, got {reply['seq']}", file=sys.stderr)
+            return 1
+        expect += 1
+        if kind in ("done", "error"):
             break
-
-    await nc.close()
+        started = True
+    return 0 if kind == "done" else 1
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))
