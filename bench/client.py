@@ -81,11 +81,14 @@ async def one_stream(
                 first = now
             if itl_s is not None:
                 for k in range(n):
-                    delays.append((now - first) - (tokens + k) * itl_s)
+                    delays.append(now - (tokens + k) * itl_s)  # arrival minus schedule
             tokens += n
             last = now
     if first is None:
         return StreamResult(float("nan"), float("nan"), tokens, False)
+    if delays:  # lateness against the stream's own best-aligned token (>= 0)
+        base = min(delays)
+        delays = [d - base for d in delays]
     itl = (last - first) / (tokens - 1) if tokens > 1 else 0.0
     return StreamResult(first - t0, itl, tokens, ok and tokens == max_tokens, delays)
 

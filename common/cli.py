@@ -282,6 +282,8 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     w = build_worker(args, args.nats_url)
     run_async(_run_with_signals(w.run, w.request_drain))
+    if w.failed:
+        raise SystemExit(1)
 
 
 def cmd_dev(args: argparse.Namespace) -> None:

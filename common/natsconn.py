@@ -5,6 +5,7 @@ This module is the seam where nats errors enter llmfleet; callers see `FleetErro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -112,5 +113,6 @@ async def close(nc: NATS) -> None:
     """Drain if possible (delivers what is buffered), else just close; never raises."""
     try:
         await nc.drain()
-    except (nats.errors.Error, TimeoutError, OSError):
-        await nc.close()
+    except (nats.errors.Error, TimeoutError, OSError, RuntimeError):
+        with contextlib.suppress(nats.errors.Error, TimeoutError, OSError, RuntimeError):
+            await nc.close()

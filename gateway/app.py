@@ -250,6 +250,7 @@ class GatewayApp:
     ) -> None:
         headers_sent = False
         renderer: render.StreamRenderer | None = None
+        unsent: list[bytes] = []
         try:
             await sub.first()
             created = int(time.time())
@@ -274,34 +275,27 @@ class GatewayApp:
                 }
             )
             headers_sent = True
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": renderer.start(parsed.n),
-                    "more_body": True,
-                }
-            )
+            unsent.append(renderer.start(parsed.n))  # goes out with the first content
             while True:
                 if isinstance(msg, p.Done):
-                    body = renderer.finish(msg.usage)
-                    await send({"type": "http.response.body", "body": body})
+                    unsent.append(renderer.finish(msg.usage))
+                    await send({"type": "http.response.body", "body": b"".join(unsent)})
                     self.stats.ok += 1
                     return
                 if isinstance(msg, p.Delta):
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": renderer.delta(msg),
-                            "more_body": True,
-                        }
-                    )
+                    unsent.append(renderer.delta(msg))
+                if not sub.has_pending():  # write what piled up in one go
+                    body = b"".join(unsent)
+                    unsent.clear()
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
                 msg = await sub.next()
         except FleetError as err:
             self._count(err.status)
             if not headers_sent:
                 await send_error(send, err, extra)
             elif renderer is not None:
-                await send({"type": "http.response.body", "body": renderer.fail(err.body())})
+                body = b"".join(unsent) + renderer.fail(err.body())
+                await send({"type": "http.response.body", "body": body})
         except Exception:
             log.exception("request %s failed in the gateway", rid)
             self.stats.server_errors += 1

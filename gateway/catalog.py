@@ -33,11 +33,15 @@ class ModelEntry(msgspec.Struct, frozen=True):
     description: str
     ready: bool  # some worker has it loaded; else it is loading and requests queue
 
+    loading: bool = False  # some worker is still starting (loading the model)
+
     @property
     def status(self) -> str:
         if self.ready:
             return "ready"
-        return "loading" if self.workers else "unavailable"
+        if self.loading:
+            return "loading"
+        return "draining" if self.workers else "unavailable"
 
 
 class CatalogSnapshot(msgspec.Struct, frozen=True):
@@ -93,7 +97,7 @@ def with_gone(snap: CatalogSnapshot, gone: dict[str, tuple[ModelEntry, float]]) 
     models = dict(snap.models)
     for model_id, (entry, _) in gone.items():
         models[model_id] = msgspec.structs.replace(
-            entry, workers=(), slots=0, in_flight=0, ready=False
+            entry, workers=(), slots=0, in_flight=0, ready=False, loading=False
         )
     return CatalogSnapshot(models=dict(sorted(models.items())), workers=snap.workers)
 
@@ -118,6 +122,7 @@ def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
                     simulated=m.simulated,
                     description=m.description,
                     ready=a.state == "ready",
+                    loading=a.state == "starting",
                 )
             else:
                 models[m.id] = msgspec.structs.replace(
@@ -127,6 +132,7 @@ def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
                     in_flight=prev.in_flight + m.in_flight,
                     created=min(prev.created, m.created),
                     ready=prev.ready or a.state == "ready",
+                    loading=prev.loading or a.state == "starting",
                 )
     return CatalogSnapshot(
         models=dict(sorted(models.items())),

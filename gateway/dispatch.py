@@ -4,8 +4,9 @@
 PubAck proves it is queued; a full per-model queue answers 429 at once) with a reply
 subject from the mux. `Submission` then yields the typed reply messages, enforcing the
 protocol: sequence numbers without gaps, a bounded wait for `accepted` (the queue
-timeout, then 503 and the message is deleted from the queue) and for each later message
-(the idle timeout), exactly one terminal message.
+timeout, or the client's own shorter timeout, then 503/504 and the message is deleted
+from the queue), liveness checks while a stream is silent (heartbeats, ping, the stall
+timeout), and exactly one terminal message.
 
 This is the gateway's seam for nats errors: they leave here as `FleetError`s.
 """
@@ -26,6 +27,7 @@ from common import protocol as p
 from common.bodies import BodyStore
 from common.errors import (
     FleetError,
+    GatewayTimeout,
     PayloadTooLarge,
     RateLimited,
     ServiceUnavailable,
@@ -57,6 +59,8 @@ class Submission:
         self._rq = rq
         self.request_id = request_id
         self.stream_seq = seq
+        self.queue_wait_s = dispatcher.settings.queue_timeout_s
+        self.client_bound = False  # the client's timeout, not the queue timeout, limits it
         self.worker: str | None = None
         self.ack_subject = ""
         self.queued_ms: float | None = None
@@ -93,7 +97,7 @@ class Submission:
     async def first(self) -> p.Accepted:
         """Wait (up to the queue timeout) for a worker to accept; raises on error/timeout."""
         try:
-            msg = await self._get_opening(self._d.settings.queue_timeout_s, "queue")
+            msg = await self._get_opening(self.queue_wait_s, "queue")
         except _Timeout:
             await self._d.withdraw(self)
             try:  # a worker may have taken it while we withdrew: then serve it after all
@@ -104,6 +108,10 @@ class Submission:
                 self._d.queue_timeouts -= 1
                 return self._on_first(late)
             await self.close()  # from here on, a late `accepted` is cancelled at once
+            if self.client_bound:
+                raise GatewayTimeout(
+                    "The request's timeout passed while it waited for a worker."
+                ) from None
             retry = self._d.settings.retry_after_s
             raise ServiceUnavailable(
                 "No worker had capacity for this model within the queue timeout.",
@@ -200,6 +208,10 @@ class Submission:
         self._on_first(msg)
         self._d.redelivered += 1
 
+    def has_pending(self) -> bool:
+        """Reply messages are already waiting (the client can take several at once)."""
+        return not self._rq.queue.empty()
+
     async def close(self) -> None:
         """Stop listening. A worker whose `accepted` was never read (it arrived while the
         request was being given up) is told to cancel: nobody will read its stream. Later
@@ -259,13 +271,14 @@ class Dispatcher:
     ) -> dict[str, str]:
         now = p.now_ms()
         total = min(timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
+        wait = min(self.settings.queue_timeout_s, total)
         h = {
             p.H_VERSION: p.PROTOCOL_VERSION,
             p.H_OP: parsed.op,
             p.H_REQUEST_ID: request_id,
             p.H_MSG_ID: request_id,
             p.H_REPLY: reply,
-            p.H_START_BY: str(now + int(self.settings.queue_timeout_s * 1000)),
+            p.H_START_BY: str(now + int(wait * 1000)),
             p.H_DEADLINE: str(now + int(total * 1000)),
         }
         if traceparent:
@@ -301,7 +314,10 @@ class Dispatcher:
             self.mux.close(rq)
             raise
         self.published += 1
-        return Submission(self, rq, request_id, seq)
+        sub = Submission(self, rq, request_id, seq)
+        if timeout_s is not None and timeout_s < self.settings.queue_timeout_s:
+            sub.queue_wait_s, sub.client_bound = timeout_s, True
+        return sub
 
     async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> int:
         """Publish until the broker stores it, riding out reconnects and leader elections

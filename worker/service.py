@@ -61,6 +61,7 @@ class Worker:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._nc: Any = None
+        self.failed = False  # an engine failed to start; the process should exit non-zero
 
     def announcement(self) -> p.WorkerAnnounce:
         stats = {r.model_id: r.stats() for r in self.runners}
@@ -155,10 +156,16 @@ class Worker:
                 await m.engine.aclose()
             await close(nc)
 
-    async def _start_engines(self) -> None:
-        for m in self.models:
-            log.info("worker %s: starting engine for %s", self.worker_id, m.model_id)
-            await m.engine.start()
+    async def _start_engines(self) -> bool:
+        """Start every engine; False (logged) if one cannot, so the worker leaves cleanly."""
+        try:
+            for m in self.models:
+                log.info("worker %s: starting engine for %s", self.worker_id, m.model_id)
+                await m.engine.start()
+        except Exception as exc:
+            log.error("worker %s: engine failed to start: %s", self.worker_id, exc)
+            return False
+        return True
 
     async def _serve(self, nc: Any, ready: asyncio.Future[None] | None) -> None:
         """Announce at once (state `starting`: gateways list the models and requests queue
@@ -174,8 +181,13 @@ class Worker:
             stop = tg.create_task(self._stop.wait())
             await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
             runner_tasks = []
+            started_ok = False
             if starting.done():
-                starting.result()
+                started_ok = starting.result()
+                if not started_ok:
+                    self.failed = True
+                    stop.cancel()
+            if started_ok:
                 for m in self.models:
                     runner = ModelRunner(
                         model_id=m.model_id,
@@ -201,7 +213,7 @@ class Worker:
                     ready.set_result(None)
                 await stop
                 log.info("worker %s draining (grace %.0fs)", self.worker_id, s.drain_grace_s)
-            else:
+            elif not self.failed:
                 starting.cancel()
                 log.info("worker %s stopped while starting", self.worker_id)
             self.state = "draining"

