@@ -57,6 +57,14 @@ def add(
     )
 
 
+def _truthy(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -102,6 +110,13 @@ def _gateway_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(p, "--api-key", "", "require this bearer token from clients (empty: no auth)")
     add(p, "--cors-origins", "", "browser origins allowed to call the API, comma separated or *")
     add(p, "--model-grace", 30.0, "seconds a model stays listed after its last worker left", float)
+    p.add_argument(
+        "--resume-on-failure",
+        action="store_true",
+        default=env_default("--resume-on-failure", False, _truthy),
+        help="continue a stream on another worker if its worker dies mid-answer "
+        "(see docs/reliability.md for the limits) [env LLMFLEET_RESUME_ON_FAILURE]",
+    )
     add(p, "--queue-timeout", 60.0, "seconds a request may wait for a free worker", float)
     add(p, "--stall-timeout", 5.0, "seconds a silent worker gets before a stream fails", float)
     add(p, "--request-timeout", 600.0, "default and maximum total seconds per request", float)
@@ -221,6 +236,7 @@ def build_gateway(args: argparse.Namespace, nats_url: str) -> Any:
                 o.strip() for o in getattr(args, "cors_origins", "").split(",") if o.strip()
             ),
             model_grace_s=getattr(args, "model_grace", 30.0),
+            resume_on_failure=getattr(args, "resume_on_failure", False),
             limits=Limits(
                 max_body_bytes=getattr(args, "max_body_bytes", 32 * 1024 * 1024),
                 max_tokens=getattr(args, "max_tokens_limit", 32768),

@@ -64,6 +64,7 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    continue_final_message: bool | None = None  # vLLM/SGLang: extend the last assistant turn
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

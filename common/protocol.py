@@ -83,6 +83,7 @@ class Accepted(msgspec.Struct, tag="accepted", tag_field="type", omit_defaults=T
 class Delta(msgspec.Struct, tag="delta", tag_field="type", omit_defaults=True):
     seq: int
     choices: list[ChoiceDelta]
+    tokens: int | None = None  # engine outputs sent so far, this one included (~tokens)
 
 
 class Embedding(msgspec.Struct, tag="embedding", tag_field="type", omit_defaults=True):

@@ -43,6 +43,7 @@ from gateway.http import (
     send_error,
     send_json,
 )
+from gateway.resume import ResumingReplies
 from gateway.validate import Limits, Parsed, parse
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,10 @@ class GatewayApp:
         api_key: str | None,
         ready_check: Any,
         cors_origins: tuple[str, ...] = (),
+        resume_on_failure: bool = False,
     ) -> None:
         self.cors_origins = cors_origins
+        self.resume_on_failure = resume_on_failure
         self.dispatcher = dispatcher
         self.catalog = catalog
         self.limits = limits
@@ -251,11 +254,12 @@ class GatewayApp:
         headers_sent = False
         renderer: render.StreamRenderer | None = None
         unsent: list[bytes] = []
+        replies = ResumingReplies(self.dispatcher, parsed, sub, rid, enabled=self.resume_on_failure)
         try:
             await sub.first()
             created = int(time.time())
             if not parsed.stream:
-                await self._collect(parsed, sub, send, rid, created, extra)
+                await self._collect(parsed, replies, send, rid, created, extra)
                 return
             prefix = "chatcmpl-" if parsed.op == "chat" else "cmpl-"
             renderer = render.StreamRenderer(
@@ -265,7 +269,7 @@ class GatewayApp:
                 model=parsed.model,
                 include_usage=parsed.include_usage,
             )
-            msg = await sub.next()  # errors before the first output keep their HTTP status
+            msg = await replies.next()  # errors before the first output keep their status
             extra = [*extra, *_worker_header(sub)]
             await send(
                 {
@@ -284,11 +288,11 @@ class GatewayApp:
                     return
                 if isinstance(msg, p.Delta):
                     unsent.append(renderer.delta(msg))
-                if not sub.has_pending():  # write what piled up in one go
+                if not replies.has_pending():  # write what piled up in one go
                     body = b"".join(unsent)
                     unsent.clear()
                     await send({"type": "http.response.body", "body": body, "more_body": True})
-                msg = await sub.next()
+                msg = await replies.next()
         except FleetError as err:
             self._count(err.status)
             if not headers_sent:
@@ -304,11 +308,13 @@ class GatewayApp:
                 await send_error(send, internal, extra)
             elif renderer is not None:
                 await send({"type": "http.response.body", "body": renderer.fail(internal.body())})
+        finally:
+            await replies.close()
 
     async def _collect(
         self,
         parsed: Parsed,
-        sub: Submission,
+        replies: ResumingReplies,
         send: Send,
         rid: str,
         created: int,
@@ -316,7 +322,7 @@ class GatewayApp:
     ) -> None:
         acc = render.Assembler(parsed.n)
         while True:
-            msg = await sub.next()
+            msg = await replies.next()
             if isinstance(msg, p.Delta):
                 acc.add(msg)
             elif isinstance(msg, p.Embedding):
@@ -331,7 +337,7 @@ class GatewayApp:
         else:
             body = acc.embedding_body(parsed.model, usage)
         self.stats.ok += 1
-        await send_json(send, 200, body, [*extra, *_worker_header(sub)])
+        await send_json(send, 200, body, [*extra, *_worker_header(replies.current)])
 
 
 def _with_cors(send: Send, origin: str | None, allowed: tuple[str, ...]) -> Send:

@@ -259,6 +259,7 @@ class Dispatcher:
         self.workers_lost = 0
         self.by_reference = 0
         self.publish_retries = 0
+        self.resumed = 0
         self.redelivered = 0
 
     def _headers(

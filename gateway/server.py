@@ -41,6 +41,7 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     discover_wait_s: float = 0.5
     model_grace_s: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    resume_on_failure: bool = False
     shutdown_grace_s: float = 30.0
 
 
@@ -127,6 +128,7 @@ class Gateway:
             api_key=s.api_key,
             ready_check=ready_check,
             cors_origins=s.cors_origins,
+            resume_on_failure=s.resume_on_failure,
         )
         config = uvicorn.Config(
             self.app,

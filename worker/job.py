@@ -189,6 +189,7 @@ async def _pump(
     queue: asyncio.Queue[EngineEvent | _Failed | None] = asyncio.Queue(_QUEUE_MAX)
     usage = p.Usage()
     failure: BaseException | None = None
+    produced = 0
 
     async def produce() -> None:
         try:
@@ -218,11 +219,12 @@ async def _pump(
                     outputs.append(ev.choices)
                 else:
                     usage = ev
+            produced += len(outputs)
             for choices in coalesce(outputs):
                 if first:
                     first = False
                     await on_first()
-                await out.send(p.Delta(seq=out.next_seq(), choices=choices))
+                await out.send(p.Delta(seq=out.next_seq(), choices=choices, tokens=produced))
     if failure is not None:
         raise failure
     if first:

@@ -170,6 +170,8 @@ def plan_chat(req: ChatRequest, default_tokens: int) -> tuple[list[Plan], int]:
         else:
             natural = limit is None or limit > default_tokens
             pieces = sim_text(key, count)
+            if req.continue_final_message and pieces:  # goes on after the partial answer
+                pieces[0] = " " + pieces[0]
             limit_here = None if natural else count
         pieces, finish = _limit(pieces, limit_here, _stops(req.stop))
         plans.append(Plan(c, pieces, finish))

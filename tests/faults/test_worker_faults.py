@@ -164,3 +164,41 @@ async def test_rolling_restart_under_load_loses_nothing(gw: Gateway, fleet: Flee
     assert len(results) > 50
     assert set(results) == {200}, results
     assert all(len(t.split()) == 10 for t in texts)
+
+
+async def test_resume_on_failure_splices_a_continuation(fleet: Fleet) -> None:
+    args = (
+        "--model", "resume-model", "--max-concurrency", "2",
+        "--sim-ttft-ms", "5", "--sim-itl-ms", "40", "--sim-tokens", "1000",
+    )  # fmt: skip
+    fleet.worker(*args, "--worker-id", "first-one")
+    gw = fleet.gateway("--resume-on-failure", wait_models=("resume-model",))
+    body = {
+        "model": "resume-model",
+        "messages": [{"role": "user", "content": "x"}],
+        "stream": True,
+        "max_tokens": 40,
+        "stream_options": {"include_usage": True},
+    }
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=60) as http:
+        async with http.stream("POST", "/chat/completions", json=body) as r:
+            assert r.headers["x-llmfleet-worker"] == "first-one"
+            chunks = r.aiter_bytes()
+            raw = b""
+            while raw.count(b"\n\n") < 8:
+                raw += await chunks.__anext__()
+            fleet.worker(*args, "--worker-id", "second-one")
+            await asyncio.sleep(1.5)  # the second worker is up and pulling
+            next(p for p in fleet.procs if "first-one" in p.args).stop(signal.SIGKILL)
+            async with asyncio.timeout(30):
+                async for more in chunks:
+                    raw += more
+    events = _sse_events(raw)
+    assert events[-1] == "[DONE]"
+    assert not any(isinstance(e, dict) and "error" in e for e in events), events[-3:]
+    content = [e for e in events if isinstance(e, dict) and e["choices"]]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in content)  # type: ignore[index,union-attr]
+    assert len(text.split()) == 40  # one answer of the asked length, spliced
+    assert content[-1]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+    usage = events[-2]["usage"]  # type: ignore[index]
+    assert usage["completion_tokens"] == 40
