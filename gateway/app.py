@@ -121,6 +121,8 @@ class GatewayApp:
                 await self._infer(op, scope, receive, send)
             elif path == "/healthz":
                 await send_json(send, 200, b'{"status":"ok"}')
+            elif path == "/stats":
+                await send_json(send, 200, render.json_bytes(self.snapshot_stats()))
             elif path == "/readyz":
                 ok = await self.ready_check()
                 body = b'{"status":"ready"}' if ok else b'{"status":"not ready"}'
@@ -144,6 +146,43 @@ class GatewayApp:
             log.exception("unhandled error on %s %s", method, path)
             self.stats.server_errors += 1
             await send_error(send, InternalError("The gateway failed to handle the request."))
+
+    def snapshot_stats(self) -> dict[str, Any]:
+        """Counters for operators (issue 6 exports them as Prometheus metrics)."""
+        d = self.dispatcher
+        snap = self.catalog.snapshot
+        return {
+            "http": msgspec.structs.asdict(self.stats),
+            "queue": {
+                "published": d.published,
+                "rejected_queue_full": d.rejected_full,
+                "queue_timeouts": d.queue_timeouts,
+                "publish_retries": d.publish_retries,
+                "bodies_by_reference": d.by_reference,
+            },
+            "failures": {
+                "workers_lost": d.workers_lost,
+                "redelivered": d.redelivered,
+                "resumed": d.resumed,
+            },
+            "streams": {
+                "open": d.mux.open_streams,
+                "orphans": d.mux.orphans,
+                "overflows": d.mux.overflows,
+            },
+            "fleet": {
+                "workers": len(snap.workers),
+                "models": {
+                    m.id: {
+                        "status": m.status,
+                        "workers": len(m.workers),
+                        "slots": m.slots,
+                        "in_flight": m.in_flight,
+                    }
+                    for m in snap.models.values()
+                },
+            },
+        }
 
     def _count(self, status: int) -> None:
         if status >= 500:

@@ -174,3 +174,40 @@ async def test_overload_4x_rejects_cleanly_and_never_runs_twice(gw: Gateway, fle
     assert set(codes) <= {200, 503}
     assert codes.count(503) > 0 and ok > 0
     assert after.completed - before.completed == ok  # nothing ran unseen or twice
+
+
+async def test_gateway_sigterm_finishes_streams_then_exits(fleet: Fleet) -> None:
+    fleet.worker(
+        "--model", "drainable", "--max-concurrency", "4",
+        "--sim-ttft-ms", "5", "--sim-itl-ms", "20", "--sim-tokens", "60",
+    )  # fmt: skip
+    gw = fleet.gateway(wait_models=("drainable",))
+    body = {"model": "drainable", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=60) as http:
+        async with http.stream("POST", "/chat/completions", json=body) as r:
+            chunks = r.aiter_bytes()
+            raw = await chunks.__anext__()
+            gw.popen.send_signal(signal.SIGTERM)  # ~1.2 s of stream still to come
+            await asyncio.sleep(0.3)
+            with pytest.raises(httpx.ConnectError):  # no new connections meanwhile
+                await httpx.AsyncClient().get(gw.url + "/healthz")
+            async for more in chunks:
+                raw += more
+    assert raw.endswith(b"data: [DONE]\n\n")
+    text = "".join(
+        json.loads(f[6:])["choices"][0]["delta"].get("content", "")
+        for f in raw.split(b"\n\n")
+        if f.startswith(b"data: {") and json.loads(f[6:])["choices"]
+    )
+    assert len(text.split()) == 60  # the whole answer, after SIGTERM
+    assert await asyncio.to_thread(gw.popen.wait, 20) == 0
+
+
+def test_stats_count_waits_rejections_and_failures(gw: Gateway) -> None:
+    body = {"model": PROXIED, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    assert httpx.post(gw.base_url + "/chat/completions", json=body, timeout=30).status_code == 200
+    stats = httpx.get(gw.url + "/stats").json()
+    assert stats["queue"]["published"] > 0
+    assert set(stats["failures"]) == {"workers_lost", "redelivered", "resumed"}
+    assert stats["fleet"]["models"][PROXIED]["status"] == "ready"
+    assert stats["http"]["requests"] >= stats["http"]["ok"]

@@ -1,0 +1,93 @@
+"""`run_job` with a fake engine and a recording publisher: every outcome is exactly one
+terminal message, and internal failures never leak internals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from common import protocol as p
+from common.errors import InvalidRequest
+from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
+from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
+from worker.job import JobHandle, JobSpec, run_job
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def publish(
+        self, subject: str, payload: bytes = b"", reply: str = "", headers: object = None
+    ) -> None:
+        self.sent.append((subject, payload))
+
+    def replies(self) -> list[p.Reply]:
+        return [p.decode_reply(d) for s, d in self.sent if s == "reply"]
+
+    def acks(self) -> list[bytes]:
+        return [d for s, d in self.sent if s == "ack"]
+
+
+class Broken:
+    def __init__(self, exc: Exception, after: int = 0) -> None:
+        self.exc, self.after = exc, after
+
+    def card(self) -> ModelCard:
+        return ModelCard(engine="broken")
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def _gen(self) -> AsyncIterator[EngineEvent]:
+        for i in range(self.after):
+            yield Output(choices=[p.ChoiceDelta(index=0, content=f"t{i} ")])
+        raise self.exc
+
+    def chat(self, req: ChatRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
+        return self._gen()
+
+    def complete(self, req: CompletionRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
+        return self._gen()
+
+    async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
+        raise self.exc
+
+
+BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}]}).encode()
+
+
+async def _run(engine: Broken, body: bytes = BODY) -> Recorder:
+    rec = Recorder()
+    spec = JobSpec(request_id="r", op="chat", reply="reply", body=body)
+    handle = JobHandle(rec, spec, "ack", "watch")
+    result = await run_job(handle, engine=engine, worker="w", model="m")
+    assert result.request_id == "r"
+    return rec
+
+
+async def test_internal_failure_is_a_generic_500() -> None:
+    rec = await _run(Broken(RuntimeError("secret path /etc/passwd"), after=2))
+    replies = rec.replies()
+    assert isinstance(replies[0], p.Accepted)
+    assert [type(r) for r in replies[1:]] in ([p.Delta, p.Error], [p.Delta, p.Delta, p.Error])
+    err = replies[-1]
+    assert isinstance(err, p.Error) and err.status == 500
+    assert "secret" not in err.error.message and err.error.code == "internal_error"
+    assert [r.seq for r in replies] == list(range(len(replies)))
+    assert rec.acks() == [b"+ACK"]  # acked exactly once, at the first output
+
+
+async def test_engine_client_error_keeps_its_status() -> None:
+    rec = await _run(Broken(InvalidRequest("bad temperature", param="temperature")))
+    (acc, err) = rec.replies()
+    assert isinstance(acc, p.Accepted)
+    assert isinstance(err, p.Error) and err.status == 400 and err.error.param == "temperature"
+    assert rec.acks() == [b"+ACK"]
+
+
+async def test_unreadable_body_is_400_naming_the_field() -> None:
+    rec = await _run(Broken(RuntimeError("unused")), body=b'{"model": "m"}')
+    err = rec.replies()[-1]
+    assert isinstance(err, p.Error) and err.status == 400 and err.error.param == "messages"
