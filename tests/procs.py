@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from common.embedded import free_port
+from common.embedded import free_port, wait_for_port
 
 
 class Proc:
@@ -106,3 +108,22 @@ class Fleet:
         for p in reversed(self.procs):
             p.stop()
         self.procs.clear()
+
+
+@contextmanager
+def upstream_process(workdir: Path, *flags: str) -> Iterator[str]:
+    """`tests/upstream_server.py` as a real process; yields its base URL (without /v1)."""
+    port = free_port()
+    script = Path(__file__).parent / "upstream_server.py"
+    with (workdir / "upstream.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "--port", str(port), *flags],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port("127.0.0.1", port, 15.0, proc)  # type: ignore[arg-type]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)

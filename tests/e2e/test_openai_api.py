@@ -7,20 +7,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import signal
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from common.embedded import free_port, wait_for_port
-from tests.procs import Fleet, Gateway
+from tests.procs import Fleet, Gateway, upstream_process
 
 SIM = "sim/model:1.0"  # a model id with '/', ':' and '.' on purpose
 UP = "up-model"
@@ -28,21 +23,9 @@ UP = "up-model"
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    script = Path(__file__).parents[1] / "upstream_server.py"
-    log = (tmp_path_factory.mktemp("upstream") / "upstream.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "--port", str(port), "--ttft-ms", "2", "--itl-ms", "1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port("127.0.0.1", port, 15.0, proc)  # type: ignore[arg-type]
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        log.close()
+    workdir = tmp_path_factory.mktemp("upstream")
+    with upstream_process(workdir, "--ttft-ms", "2", "--itl-ms", "1") as url:
+        yield url + "/v1"
 
 
 @pytest.fixture(scope="module")

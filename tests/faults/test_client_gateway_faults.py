@@ -6,18 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from common.embedded import free_port, wait_for_port
 from tests.natshelp import connected, watch_announcements
-from tests.procs import Fleet, Gateway
+from tests.procs import Fleet, Gateway, upstream_process
 
 PROXIED = "proxied-model"
 STREAMY = "streamy-model"
@@ -26,22 +22,10 @@ OVER = "overload-model"
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    script = Path(__file__).parents[1] / "upstream_server.py"
-    log = (tmp_path_factory.mktemp("upstream") / "upstream.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "--port", str(port), "--ttft-ms", "2", "--itl-ms", "20",
-         "--tokens", "100"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        wait_for_port("127.0.0.1", port, 15.0, proc)  # type: ignore[arg-type]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        log.close()
+    workdir = tmp_path_factory.mktemp("upstream")
+    flags = ("--ttft-ms", "2", "--itl-ms", "20", "--tokens", "100")
+    with upstream_process(workdir, *flags) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
