@@ -58,6 +58,7 @@ async def connect(
 ) -> NATS:
     """Connect with lowered pings, endless reconnects and rate-limited error logging."""
     err_log = _RateLimitedLog(name)
+    nc_box: list[NATS] = []  # the connection, once made (callbacks run before it exists)
 
     async def error_cb(exc: Exception) -> None:
         err_log(exc)
@@ -71,7 +72,10 @@ async def connect(
                 log.warning("after reconnect (%s): %s", name, exc)
 
     async def disconnected_cb() -> None:
-        log.warning("nats disconnected (%s)", name)
+        if nc_box and (nc_box[0].is_closed or nc_box[0].is_draining):
+            log.info("nats connection closed (%s)", name)
+        else:
+            log.warning("nats disconnected (%s)", name)
         if on_disconnect is not None:
             await on_disconnect()
 
@@ -91,6 +95,7 @@ async def connect(
         "pending_size": 64 * 1024 * 1024,
     }
     nc: NATS = await nats.connect(**kwargs)
+    nc_box.append(nc)
     return nc
 
 
