@@ -73,8 +73,8 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def run_async(main: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop where available."""
+def run_async(main: Coroutine[Any, Any, Any]) -> Any:
+    """Run on uvloop where available; returns what `main` returns."""
     try:
         import uvloop  # noqa: PLC0415
 
@@ -82,7 +82,7 @@ def run_async(main: Coroutine[Any, Any, None]) -> None:
     except ImportError:  # pragma: no cover - Windows
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
+        return runner.run(main)
 
 
 # ---- parsers -------------------------------------------------------------------------
@@ -306,23 +306,45 @@ def cmd_nats(args: argparse.Namespace) -> None:
 
 
 async def _run_with_signals(
-    start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], None]
-) -> None:
+    start: Callable[[asyncio.Future[None]], Coroutine[Any, Any, None]],
+    stop: Callable[[], None],
+) -> bool:
+    """Run a component; SIGTERM/SIGINT stop it gracefully once it is up, and abort it while
+    it is still starting (e.g. waiting for an unreachable broker). False if aborted."""
     loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    main = asyncio.current_task()
+    aborted = False
+
+    def on_signal() -> None:
+        nonlocal aborted
+        if ready.done():
+            stop()
+        elif main is not None:
+            aborted = True
+            main.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
-    await start()
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await start(ready)
+    except asyncio.CancelledError:
+        if not aborted:
+            raise
+        print("llmfleet: stopped before it was ready", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
     gw = build_gateway(args, args.nats_url)
-    run_async(_run_with_signals(gw.run, gw.request_stop))
+    if not run_async(_run_with_signals(gw.run, gw.request_stop)):
+        raise SystemExit(1)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
     w = build_worker(args, args.nats_url)
-    run_async(_run_with_signals(w.run, w.request_drain))
-    if w.failed:
+    if not run_async(_run_with_signals(w.run, w.request_drain)) or w.failed:
         raise SystemExit(1)
 
 

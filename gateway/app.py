@@ -122,6 +122,7 @@ class GatewayApp:
             elif path == "/healthz":
                 await send_json(send, 200, b'{"status":"ok"}')
             elif path == "/stats":
+                self._auth(scope)  # it shows the fleet: same key as /v1
                 await send_json(send, 200, render.json_bytes(self.snapshot_stats()))
             elif path == "/readyz":
                 ok = await self.ready_check()
@@ -293,7 +294,15 @@ class GatewayApp:
         headers_sent = False
         renderer: render.StreamRenderer | None = None
         unsent: list[bytes] = []
-        replies = ResumingReplies(self.dispatcher, parsed, sub, rid, enabled=self.resume_on_failure)
+        replies = ResumingReplies(
+            self.dispatcher,
+            parsed,
+            sub,
+            rid,
+            enabled=self.resume_on_failure,
+            traceparent=sub.traceparent,
+            timeout_s=sub.timeout_s,
+        )
         try:
             await sub.first()
             created = int(time.time())

@@ -60,6 +60,8 @@ class Submission:
         self.request_id = request_id
         self.stream_seq = seq
         self.queue_wait_s = dispatcher.settings.queue_timeout_s
+        self.traceparent: str | None = None  # passed on to continuations
+        self.timeout_s: float | None = None
         self.client_bound = False  # the client's timeout, not the queue timeout, limits it
         self.worker: str | None = None
         self.ack_subject = ""
@@ -316,6 +318,7 @@ class Dispatcher:
             raise
         self.published += 1
         sub = Submission(self, rq, request_id, seq)
+        sub.traceparent, sub.timeout_s = traceparent, timeout_s
         if timeout_s is not None and timeout_s < self.settings.queue_timeout_s:
             sub.queue_wait_s, sub.client_bound = timeout_s, True
         return sub

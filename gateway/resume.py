@@ -82,8 +82,10 @@ class ResumingReplies:
         *,
         enabled: bool,
         traceparent: str | None = None,
+        timeout_s: float | None = None,
         max_resumes: int = 2,
     ) -> None:
+        self._timeout_s = timeout_s
         self._d = dispatcher
         self._parsed = parsed
         self.current = sub
@@ -134,7 +136,7 @@ class ResumingReplies:
             raise err
         self.resumed += 1
         rid = f"{self._rid}-r{self.resumed}"
-        sub = await self._d.submit(cont, rid, self._traceparent)
+        sub = await self._d.submit(cont, rid, self._traceparent, self._timeout_s)
         self._extra.append(sub)
         await sub.first()
         self._base, self._in_current = tokens, 0

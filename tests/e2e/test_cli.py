@@ -87,3 +87,15 @@ def test_nats_command_runs_jetstream_with_project_settings(tmp_path: Path) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sigterm_while_waiting_for_an_unreachable_broker(tmp_path: Path) -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    for role in (["gateway", "--port", str(free_port())], ["worker"]):
+        proc = _spawn([role[0], "--nats", dead, *role[1:]], tmp_path / f"{role[0]}.log")
+        time.sleep(1.5)
+        assert proc.poll() is None  # still trying to connect
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 1
+        log = (tmp_path / f"{role[0]}.log").read_text()
+        assert "stopped before it was ready" in log and "Traceback" not in log

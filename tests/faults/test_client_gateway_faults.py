@@ -188,10 +188,14 @@ async def test_gateway_sigterm_finishes_streams_then_exits(fleet: Fleet) -> None
 
 
 def test_stats_count_waits_rejections_and_failures(gw: Gateway) -> None:
+    before = httpx.get(gw.url + "/stats").json()
     body = {"model": PROXIED, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
     assert httpx.post(gw.base_url + "/chat/completions", json=body, timeout=30).status_code == 200
-    stats = httpx.get(gw.url + "/stats").json()
-    assert stats["queue"]["published"] > 0
-    assert set(stats["failures"]) == {"workers_lost", "redelivered", "resumed"}
-    assert stats["fleet"]["models"][PROXIED]["status"] == "ready"
-    assert stats["http"]["requests"] >= stats["http"]["ok"]
+    bad = {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}
+    assert httpx.post(gw.base_url + "/chat/completions", json=bad).status_code == 404
+    after = httpx.get(gw.url + "/stats").json()
+    assert after["queue"]["published"] - before["queue"]["published"] == 1
+    assert after["http"]["ok"] - before["http"]["ok"] == 1
+    assert after["http"]["client_errors"] - before["http"]["client_errors"] == 1
+    assert set(after["failures"]) == {"workers_lost", "redelivered", "resumed"}
+    assert after["fleet"]["models"][PROXIED]["status"] == "ready"
