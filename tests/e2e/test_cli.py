@@ -69,10 +69,10 @@ def test_nats_command_runs_jetstream_with_project_settings(tmp_path: Path) -> No
         ["nats", "--port", str(port), "--store", str(tmp_path / "js")], tmp_path / "n.log"
     )
     try:
-        wait_for_port("127.0.0.1", port, 15, proc)  # type: ignore[arg-type]
+        wait_for_port("127.0.0.1", port, 30, proc)  # type: ignore[arg-type]
 
         async def check() -> tuple[int, int]:
-            nc = await nats.connect(f"nats://127.0.0.1:{port}")
+            nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=10)
             info = await nc.jetstream().account_info()
             max_payload = nc.max_payload
             await nc.close()
@@ -82,7 +82,7 @@ def test_nats_command_runs_jetstream_with_project_settings(tmp_path: Path) -> No
         assert max_payload == 8 * 1024 * 1024
         assert (tmp_path / "js").is_dir()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0
+        assert proc.wait(30) == 0, (tmp_path / "n.log").read_text()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
