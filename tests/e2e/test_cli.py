@@ -73,7 +73,12 @@ def test_nats_command_runs_jetstream_with_project_settings(tmp_path: Path) -> No
 
         async def check() -> tuple[int, int]:
             nc = await nats.connect(f"nats://127.0.0.1:{port}", connect_timeout=10)
-            info = await nc.jetstream().account_info()
+            for _ in range(50):  # JetStream may still be starting right after the port opens
+                try:
+                    info = await nc.jetstream().account_info()
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
             max_payload = nc.max_payload
             await nc.close()
             return max_payload, info.limits.max_memory
