@@ -289,16 +289,17 @@ def cmd_nats(args: argparse.Namespace) -> None:
         http_port=args.http_port or None,
         quiet=False,
     )
-    server.start()
-    print(f"nats-server listening on {server.url}", file=sys.stderr, flush=True)
     stop = {"now": False}
 
     def on_signal(signum: int, frame: Any) -> None:
         stop["now"] = True
 
+    # Handlers first: a signal during start-up must still stop the child broker.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        server.start()
+        print(f"nats-server listening on {server.url}", file=sys.stderr, flush=True)
         while not stop["now"] and server.proc is not None and server.proc.poll() is None:
             time.sleep(0.2)
     finally:
@@ -351,6 +352,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_dev(args: argparse.Namespace) -> None:
     from common.embedded import EmbeddedNats, free_port  # noqa: PLC0415
 
+    # Until the event loop takes over, SIGTERM acts like Ctrl-C, so `finally` stops the broker.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     port = args.nats_port
     try:
         server = EmbeddedNats(port=port).start()
