@@ -16,7 +16,6 @@ import asyncio
 import json
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -318,10 +317,6 @@ def main(argv: list[str] | None = None) -> int:
 
         write_report(results, ROOT / "docs")
     return 0
-
-
-def median_of(rows: list[dict[str, float]], key: str) -> float:
-    return statistics.median(r[key] for r in rows)
 
 
 if __name__ == "__main__":

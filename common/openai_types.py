@@ -44,7 +44,25 @@ class ChatMessage(msgspec.Struct, omit_defaults=True):
         )
 
 
-class ChatRequest(msgspec.Struct, omit_defaults=True):
+class _Generating:
+    """Defaults shared by chat and completion requests (`null` means the default)."""
+
+    __slots__ = ()
+    n: int | None
+    stream: bool | None
+    stream_options: StreamOptions | None
+
+    def choices(self) -> int:
+        return self.n or 1
+
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    def wants_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(msgspec.Struct, _Generating, omit_defaults=True):
     model: str
     messages: list[ChatMessage]
     max_tokens: PositiveInt | None = None
@@ -69,17 +87,8 @@ class ChatRequest(msgspec.Struct, omit_defaults=True):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def choices(self) -> int:
-        return self.n or 1
 
-    def streaming(self) -> bool:
-        return bool(self.stream)
-
-    def wants_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-
-class CompletionRequest(msgspec.Struct, omit_defaults=True):
+class CompletionRequest(msgspec.Struct, _Generating, omit_defaults=True):
     model: str
     prompt: str | list[str | int | list[int]]
     max_tokens: Annotated[int, Meta(ge=0)] | None = 16
@@ -100,15 +109,6 @@ class CompletionRequest(msgspec.Struct, omit_defaults=True):
 
     def token_limit(self) -> int:
         return 16 if self.max_tokens is None else self.max_tokens
-
-    def choices(self) -> int:
-        return self.n or 1
-
-    def streaming(self) -> bool:
-        return bool(self.stream)
-
-    def wants_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class EmbeddingRequest(msgspec.Struct, omit_defaults=True):

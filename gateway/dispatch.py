@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import msgspec
@@ -396,7 +395,3 @@ class Dispatcher:
             await self.nc.publish(
                 names.control_subject(worker), p.encode(p.Cancel(request_id=request_id))
             )
-
-
-def unix_time() -> int:
-    return int(time.time())

@@ -18,7 +18,10 @@ from typing import Any
 
 import msgspec
 
+from common import protocol as p
+from common.errors import FleetError
 from common.protocol import Usage
+from gateway.dispatch import Dispatcher, Submission
 from gateway.validate import Parsed
 
 RESUMABLE_CODES = frozenset({"worker_lost", "stream_gap"})
@@ -75,9 +78,9 @@ class ResumingReplies:
 
     def __init__(
         self,
-        dispatcher: Any,
+        dispatcher: Dispatcher,
         parsed: Parsed,
-        sub: Any,
+        sub: Submission,
         request_id: str,
         *,
         enabled: bool,
@@ -97,21 +100,20 @@ class ResumingReplies:
         self._tools = False
         self._base = 0  # tokens streamed before the current submission
         self._in_current = 0
-        self._extra: list[Any] = []
+        self._extra: list[Submission] = []
         self.resumed = 0
 
     def has_pending(self) -> bool:
         return bool(self.current.has_pending())
 
-    async def next(self) -> Any:
-        from common import protocol as p  # noqa: PLC0415
-        from common.errors import FleetError  # noqa: PLC0415
-
+    async def next(self) -> p.Delta | p.Embedding | p.Done:
+        if not self._enabled:  # the common case: no bookkeeping on the hot path
+            return await self.current.next()
         while True:
             try:
                 msg = await self.current.next()
             except FleetError as err:
-                if not self._enabled or self.resumed >= self._max:
+                if self.resumed >= self._max:
                     raise
                 started = bool(self._text) or self._in_current > 0
                 if not can_resume(self._parsed, err.code, started, self._tools):

@@ -84,8 +84,8 @@ class LlamaCppEngine:
         fmt = s.chat_format
         if fmt is None and "tokenizer.chat_template" not in llm.metadata:
             fmt = _ARCH_FORMATS.get(str(llm.metadata.get("general.architecture", "")))
-        if fmt is not None:
-            llm = Llama(**kwargs, chat_format=fmt)
+        if fmt is not None:  # chosen per call by llama-cpp-python: no need to load again
+            llm.chat_format = fmt
         log.info("loaded %s (chat format %s)", s.model_path, llm.chat_format)
         return llm
 

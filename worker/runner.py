@@ -47,7 +47,6 @@ _TICK_S = 0.5
 
 
 class Delivered(msgspec.Struct):
-    pull_id: int
     msg: Any
 
 
@@ -189,7 +188,7 @@ class ModelRunner:
                 except ValueError:
                     return
             return
-        self.post(Delivered(0, msg))
+        self.post(Delivered(msg))
 
     # ---- the owner ---------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from typing import Any
@@ -227,10 +226,3 @@ class Worker:
             beats.cancel()
             await self._announce()
             log.info("worker %s stopped", self.worker_id)
-
-
-def install_drain_signals(worker: Worker) -> None:
-    """SIGTERM and SIGINT start a drain; a second SIGINT is left to the default handler."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_drain)
