@@ -196,7 +196,37 @@ def build_parser() -> argparse.ArgumentParser:
     add(dev, "--host", "127.0.0.1", "HTTP listen address")
     add(dev, "--port", 8080, "HTTP port", int)
     add(dev, "--nats-port", 4222, "NATS port (a free one if taken)", int)
+    _status_args(sub.add_parser("status", help="show the fleet: models, queues, workers"))
+    _drain_args(sub.add_parser("drain", help="ask one worker to drain and exit"))
     return top
+
+
+def _cli_nats_arg(p: argparse.ArgumentParser) -> None:
+    add(
+        p,
+        "--nats",
+        DEFAULT_NATS_URL,
+        "NATS server URL(s), comma separated",
+        env="LLMFLEET_NATS_URL",
+        dest="nats_url",
+    )
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    _cli_nats_arg(p)
+    p.add_argument("--watch", "-w", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--json", action="store_true", help="print JSON (one document per refresh)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument(
+        "--wait", type=float, default=0.5, help="seconds to collect worker announcements"
+    )
+
+
+def _drain_args(p: argparse.ArgumentParser) -> None:
+    _cli_nats_arg(p)
+    p.add_argument("worker", help="worker id, or a unique prefix of one (see `llmfleet status`)")
+    p.add_argument("--wait", action="store_true", help="follow the worker until it has left")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits at most")
 
 
 # ---- commands ------------------------------------------------------------------------
@@ -417,11 +447,41 @@ async def _dev(gw: Any, workers: list[Any], args: argparse.Namespace, nats_url: 
         )
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    from common import statuscli  # noqa: PLC0415
+
+    try:
+        run_async(
+            statuscli.status(
+                args.nats_url,
+                watch=args.watch,
+                interval=args.interval,
+                as_json=args.json,
+                wait=args.wait,
+            )
+        )
+    except statuscli.StatusError as exc:
+        raise SystemExit(f"llmfleet status: {exc}") from None
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_drain(args: argparse.Namespace) -> None:
+    from common import statuscli  # noqa: PLC0415
+
+    try:
+        run_async(statuscli.drain(args.nats_url, args.worker, wait=args.wait, timeout=args.timeout))
+    except statuscli.StatusError as exc:
+        raise SystemExit(f"llmfleet drain: {exc}") from None
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "nats": cmd_nats,
     "gateway": cmd_gateway,
     "worker": cmd_worker,
     "dev": cmd_dev,
+    "status": cmd_status,
+    "drain": cmd_drain,
 }
 
 

@@ -80,3 +80,12 @@ def check_worker_id(worker_id: str) -> str:
     if not _WORKER_ID.match(worker_id):
         raise ValueError(f"worker id must match [A-Za-z0-9_-]{{1,64}}: {worker_id!r}")
     return worker_id
+
+
+SERVICE_NAME = "llmfleet-worker"
+"""The NATS micro service every worker registers (`nats micro ls` lists the fleet)."""
+
+
+def service_subject(worker_id: str, endpoint: str) -> str:
+    """A worker's own micro-service endpoint: `llmfleet.ctl.<worker>.<endpoint>`."""
+    return f"{CONTROL_PREFIX}{worker_id}.{endpoint}"

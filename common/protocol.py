@@ -177,6 +177,11 @@ def decode_control(data: bytes) -> Control:
 
 
 class ModelStatus(msgspec.Struct, omit_defaults=True):
+    """One model on one worker. `loaded` is false while the worker is still loading it.
+
+    Counters are totals since the worker started; the rates are over its last ~10 s.
+    """
+
     id: str
     engine: str
     max_concurrency: int
@@ -185,10 +190,19 @@ class ModelStatus(msgspec.Struct, omit_defaults=True):
     created: int = 0
     simulated: bool = False
     description: str = ""
+    loaded: bool = True
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    tokens_out: int = 0
+    req_per_s: float = 0.0
+    tokens_per_s: float = 0.0
 
 
 class WorkerAnnounce(msgspec.Struct, omit_defaults=True):
-    """Published on `llmfleet.hb.<worker>` every heartbeat interval and on `discover`.
+    """Published on `llmfleet.hb.<worker>` every heartbeat interval and on `discover`, and
+    returned by the worker's `status` service endpoint and `$SRV.STATS` (one stats shape
+    serves the gateway catalog, `llmfleet status` and the NATS micro API).
 
     `ttl_s` says how long the announcement stays valid; `state` "stopped" removes the worker
     at once. Counters are totals since the worker started.
@@ -205,6 +219,12 @@ class WorkerAnnounce(msgspec.Struct, omit_defaults=True):
     failed: int = 0
     tokens_out: int = 0
     peak_in_flight: int = 0
+    engine: str = ""  # the engine kind(s) of this worker, comma separated
+    uptime_s: float = 0.0  # measured by the worker (immune to clock skew between hosts)
+    slots_used: int = 0
+    slots_total: int = 0
+    req_per_s: float = 0.0
+    tokens_per_s: float = 0.0
 
 
 _announce_decoder = msgspec.json.Decoder(WorkerAnnounce)

@@ -9,6 +9,7 @@ duplicate window so a re-published request id is not queued twice.
 from __future__ import annotations
 
 import logging
+import time
 
 import msgspec
 from nats.js import JetStreamContext
@@ -101,10 +102,63 @@ async def ensure_consumer(js: JetStreamContext, model_id: str, settings: QueueSe
         log.info("created consumer %s", name)
 
 
-async def queue_depth(js: JetStreamContext, model_id: str) -> int:
-    """Requests waiting for `model_id` (not yet delivered to a worker)."""
+class QueueDepth(msgspec.Struct, frozen=True):
+    """One model's queue as the broker sees it (from the model's consumer info).
+
+    `pending`: requests no worker has taken yet; `starting`: taken by a worker but not yet
+    answered (not acked: a request is acked at its first output); `pulls`: open pull
+    requests, i.e. free worker slots waiting for work; `oldest_wait_s`: age of the oldest
+    request not yet taken (0 when none waits).
+    """
+
+    model: str
+    pending: int = 0
+    starting: int = 0
+    pulls: int = 0
+    oldest_wait_s: float = 0.0
+    redelivered: int = 0
+
+
+async def queue_depth(
+    js: JetStreamContext, model_id: str, *, now: float | None = None
+) -> QueueDepth:
+    """The queue of `model_id`, from its consumer (or, before any worker created that, from
+    the stream's per-subject count).
+
+    Costs one JetStream API request, plus one message lookup when requests wait.
+    """
+    subject = names.request_subject(model_id)
     try:
         info = await js.consumer_info(names.REQUEST_STREAM, names.consumer_name(model_id))
     except NotFoundError:
-        return 0
-    return int(info.num_pending or 0)
+        info = None
+    if info is None:  # no worker ever served it: everything on its subject waits
+        try:
+            sinfo = await js.stream_info(names.REQUEST_STREAM, subjects_filter=subject)
+        except NotFoundError:
+            return QueueDepth(model=model_id)
+        pending, delivered = int((sinfo.state.subjects or {}).get(subject, 0)), 0
+    else:
+        pending = int(info.num_pending or 0)
+        delivered = info.delivered.stream_seq if info.delivered else 0
+    oldest = 0.0
+    if pending:
+        try:
+            msg = await js.get_msg(
+                names.REQUEST_STREAM, seq=(delivered or 0) + 1, subject=subject, next=True
+            )
+        except NotFoundError:
+            msg = None
+        if msg is not None and msg.time is not None:
+            stamp = msg.time.timestamp()
+            oldest = max(0.0, (time.time() if now is None else now) - stamp)
+    if info is None:
+        return QueueDepth(model=model_id, pending=pending, oldest_wait_s=oldest)
+    return QueueDepth(
+        model=model_id,
+        pending=pending,
+        starting=int(info.num_ack_pending or 0),
+        pulls=int(info.num_waiting or 0),
+        oldest_wait_s=oldest,
+        redelivered=int(info.num_redelivered or 0),
+    )

@@ -23,6 +23,8 @@ from common.bodies import BodySettings, BodyStore
 from common.natsconn import close, connect, flush, jetstream
 from common.queue import QueueSettings, ensure_consumer, ensure_stream
 from worker.engine import Engine
+from worker.micro import start_service
+from worker.rates import Rate, RateWindow, Totals
 from worker.runner import ModelRunner, RunnerSettings
 
 log = logging.getLogger(__name__)
@@ -58,16 +60,22 @@ class Worker:
         self.runners: list[ModelRunner] = []
         self.state = "starting"
         self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self.host = socket.gethostname()
+        self._rates = RateWindow()
         self._stop = asyncio.Event()
         self._nc: Any = None
         self.failed = False  # an engine failed to start; the process should exit non-zero
 
     def announcement(self) -> p.WorkerAnnounce:
+        """This worker's stats snapshot: the catalog entry, `status` and `$SRV.STATS`."""
         stats = {r.model_id: r.stats() for r in self.runners}
+        rates = self._rates.rates()
         models = []
         for m in self.models:
             card = m.engine.card()
             st = stats.get(m.model_id)
+            rate = rates.get(m.model_id, Rate())
             models.append(
                 p.ModelStatus(
                     id=m.model_id,
@@ -78,12 +86,19 @@ class Worker:
                     created=int(self.started_at),
                     simulated=card.simulated,
                     description=card.description,
+                    loaded=st is not None,
+                    completed=st.completed if st else 0,
+                    failed=st.failed if st else 0,
+                    cancelled=st.cancelled if st else 0,
+                    tokens_out=st.tokens_out if st else 0,
+                    req_per_s=round(rate.req_per_s, 3),
+                    tokens_per_s=round(rate.tokens_per_s, 3),
                 )
             )
         all_stats = list(stats.values())
         return p.WorkerAnnounce(
             worker=self.worker_id,
-            host=socket.gethostname(),
+            host=self.host,
             version=__version__,
             state=self.state,
             ttl_s=self.settings.heartbeat_s * 3.5,
@@ -93,7 +108,22 @@ class Worker:
             failed=sum(x.failed for x in all_stats),
             tokens_out=sum(x.tokens_out for x in all_stats),
             peak_in_flight=max((x.peak_in_flight for x in all_stats), default=0),
+            engine=",".join(dict.fromkeys(m.engine for m in models)),
+            uptime_s=round(time.monotonic() - self._started_mono, 3),
+            slots_used=sum(m.in_flight for m in models),
+            slots_total=sum(m.max_concurrency for m in models),
+            req_per_s=round(sum(m.req_per_s for m in models), 3),
+            tokens_per_s=round(sum(m.tokens_per_s for m in models), 3),
         )
+
+    def _observe_rates(self) -> None:
+        totals = {}
+        for r in self.runners:
+            st = r.stats()
+            totals[r.model_id] = Totals(
+                completed=st.completed + st.failed, tokens_out=st.tokens_out
+            )
+        self._rates.observe(time.monotonic(), totals)
 
     async def _announce(self) -> None:
         if self._nc is not None and self._nc.is_connected:
@@ -102,6 +132,7 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         while True:
+            self._observe_rates()
             await self._announce()
             await asyncio.sleep(self.settings.heartbeat_s)
 
@@ -125,6 +156,8 @@ class Worker:
         await self._announce()
 
     def request_drain(self) -> None:
+        if self.state in ("starting", "ready"):
+            self.state = "draining"
         self._stop.set()
 
     async def run(self, ready: asyncio.Future[None] | None = None) -> None:
@@ -174,6 +207,15 @@ class Worker:
         async with asyncio.TaskGroup() as tg:
             ctl = await nc.subscribe(names.control_subject(self.worker_id), cb=self._on_control)
             disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=self._on_discover)
+            svc = await start_service(
+                nc,
+                worker_id=self.worker_id,
+                host=self.host,
+                engine=",".join(dict.fromkeys(m.engine.card().engine for m in self.models)),
+                models=[m.model_id for m in self.models],
+                snapshot=self.announcement,
+                drain=self.request_drain,
+            )
             await flush(nc)
             beats = tg.create_task(self._heartbeats())
             starting = tg.create_task(self._start_engines())
@@ -201,7 +243,8 @@ class Worker:
                     runner_tasks.append(tg.create_task(runner.run(started)))
                     await started
                     self.runners.append(runner)
-                self.state = "ready"
+                if not self._stop.is_set():
+                    self.state = "ready"
                 await self._announce()
                 log.info(
                     "worker %s ready: %s",
@@ -220,6 +263,7 @@ class Worker:
             for r in self.runners:
                 r.drain(s.drain_grace_s)
             await asyncio.gather(*runner_tasks)
+            await svc.stop()
             await disc.unsubscribe()
             await ctl.unsubscribe()
             self.state = "stopped"
