@@ -1,0 +1,411 @@
+"""The NATS configs of deploy/nats, run by real nats-server processes on loopback.
+
+A 3-node hub cluster (nats-<n>.conf + hub.conf + settings.conf + accounts.conf), a GPU-host
+leaf server (leaf.conf), and the real llmfleet gateway and worker processes logged in with
+their role's credentials. Checks that the cluster forms, that every role can do its job
+without a single permission violation, that a worker behind a leaf node pulls from the
+hub's stream, and that the denials the roles rely on are enforced and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import nats
+import nats.errors
+import openai
+import pytest
+from nats.aio.client import Client
+
+from common import names
+from tests.deploy.natsconf import NATS_DIR, UNCHANGED, Hub, Leaf, start_with_retries, violations
+from tests.natshelp import publish_request, request_headers
+from tests.procs import Fleet, Gateway, Proc
+
+MB = 1024 * 1024
+
+
+# ---- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    h = start_with_retries(lambda _: Hub(tmp_path_factory.mktemp("hub")))
+    assert isinstance(h, Hub)
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+@pytest.fixture(scope="module")
+def leaf(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Leaf]:
+    leaf_ports = [n.leaf_port for n in hub.nodes]
+    lf = start_with_retries(lambda _: Leaf(tmp_path_factory.mktemp("leafhost"), leaf_ports))
+    assert isinstance(lf, Leaf)
+    try:
+        deadline = time.monotonic() + 15
+        while hub.nodes[0].monitor("/leafz").get("leafnodes", 0) < 1:
+            assert time.monotonic() < deadline, "the leaf never connected:\n" + lf.log()
+            time.sleep(0.1)
+        yield lf
+    finally:
+        lf.stop()
+
+
+class Roles:
+    """Real llmfleet processes, each logged in as its role."""
+
+    def __init__(self, hub: Hub, leaf: Leaf, workdir: Path) -> None:
+        self.hub_workers = Fleet(hub.url("worker"), workdir / "hub-workers")
+        self.leaf_workers = Fleet(leaf.url, workdir / "leaf-workers")
+        self.gateways = Fleet(hub.url("gateway"), workdir / "gateways")
+        for f in (self.hub_workers, self.leaf_workers, self.gateways):
+            f.workdir.mkdir()
+
+    def start(self) -> None:
+        self.hub_worker: Proc = self.hub_workers.worker(
+            "--worker-id", "hub-w", "--model", "sim-model", "--stream-replicas", "3"
+        )
+        # On the GPU host: connects to its local leaf server, without credentials. Every
+        # role passes --stream-replicas 3: whoever starts first creates the stream.
+        self.leaf_worker: Proc = self.leaf_workers.worker(
+            "--worker-id", "leaf-w", "--model", "leaf-model", "--sim-itl-ms", "1",
+            "--stream-replicas", "3",
+        )  # fmt: skip
+        self.gw: Gateway = self.gateways.gateway(
+            "--stream-replicas", "3", wait_models=("sim-model", "leaf-model")
+        )
+
+    def stop(self) -> None:
+        for f in (self.gateways, self.hub_workers, self.leaf_workers):
+            f.stop_all()
+
+
+@pytest.fixture(scope="module")
+def roles(hub: Hub, leaf: Leaf, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Roles]:
+    r = Roles(hub, leaf, tmp_path_factory.mktemp("roles"))
+    try:
+        r.start()
+        yield r
+    finally:
+        r.stop()
+
+
+async def _connect(url: str, name: str, **kw: object) -> tuple[Client, list[Exception]]:
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(url.split(","), name=name, error_cb=on_error, **kw)  # type: ignore[arg-type]
+    return nc, errors
+
+
+async def _expect_errors(errors: list[Exception], *needles: str, timeout: float = 3.0) -> None:
+    """Until every needle appears (case-insensitively) in some permissions error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        texts = [str(e).lower() for e in errors]
+        missing = [n for n in needles if not any(n.lower() in t for t in texts)]
+        if not missing:
+            assert all("permissions violation" in t for t in texts), texts
+            return
+        assert time.monotonic() < deadline, f"no permissions error for {missing}; got {texts}"
+        await asyncio.sleep(0.05)
+
+
+def _role_violations(hub: Hub, *client_names: str) -> list[str]:
+    return [v for v in violations(hub.log()) if any(n in v for n in client_names)]
+
+
+# ---- the cluster ------------------------------------------------------------------------
+
+
+def test_three_node_cluster_forms_with_the_deployed_settings(hub: Hub) -> None:
+    names_ = {n.name for n in hub.nodes}
+    for node in hub.nodes:
+        routez = node.monitor("/routez")
+        assert {r["remote_name"] for r in routez["routes"]} == names_ - {node.name}
+        jsz = node.monitor("/jsz")
+        assert jsz["meta_cluster"]["cluster_size"] == 3
+        assert jsz["meta_cluster"]["leader"] in names_
+        assert jsz["config"]["domain"] == "hub"
+        varz = node.monitor("/varz")
+        assert varz["server_name"] == node.name
+        assert varz["max_payload"] == 8 * MB
+        assert varz["ping_max"] == 2
+        assert varz["ping_interval"] == 10 * 10**9  # nanoseconds
+        assert varz["leaf"]["port"] == node.leaf_port
+        assert varz["cluster"]["name"] == "llmfleet"
+        # Only the network layout was rewritten: settings and permissions are the deployed
+        # files, byte for byte.
+        for f in UNCHANGED:
+            assert (node.conf.parent / f).read_bytes() == (NATS_DIR / f).read_bytes()
+
+
+async def test_request_stream_is_replicated_on_three_nodes(roles: Roles, hub: Hub) -> None:
+    nc, errors = await _connect(hub.url("admin"), "admin-check")
+    try:
+        info = await nc.jetstream().stream_info(names.REQUEST_STREAM)
+    finally:
+        await nc.close()
+    assert info.config.num_replicas == 3
+    assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+    assert errors == []
+
+
+# ---- the roles doing their jobs ---------------------------------------------------------
+
+
+async def test_chat_through_gateway_and_worker_with_role_credentials(
+    roles: Roles, hub: Hub
+) -> None:
+    async with openai.AsyncOpenAI(base_url=roles.gw.base_url, api_key="x", max_retries=0) as c:
+        raw = await c.chat.completions.with_raw_response.create(
+            model="sim-model", messages=[{"role": "user", "content": "hi"}], max_tokens=6
+        )
+        reply = raw.parse()
+        assert raw.headers["x-llmfleet-worker"] == "hub-w"
+        assert reply.choices[0].message.content
+        assert reply.usage is not None and reply.usage.completion_tokens == 6
+
+        stream = await c.chat.completions.create(
+            model="sim-model",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            stream=True,
+        )
+        parts = [ch.choices[0].delta.content or "" async for ch in stream if ch.choices]
+        assert len([p for p in parts if p]) == 5
+    assert _role_violations(hub, "llmfleet-gateway-", "llmfleet-worker-") == []
+
+
+async def test_body_over_max_payload_goes_through_the_object_store(roles: Roles, hub: Hub) -> None:
+    # 9 MB > max_payload (8 MB): the gateway puts it in LLMFLEET_BODIES, the worker reads
+    # it with an ordered consumer and deletes it: object-store rights of both roles.
+    big = "x " * (9 * MB // 2)
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(
+            roles.gw.base_url + "/chat/completions",
+            json={
+                "model": "sim-model",
+                "messages": [{"role": "user", "content": big}],
+                "max_tokens": 3,
+            },
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+    assert _role_violations(hub, "llmfleet-gateway-", "llmfleet-worker-") == []
+
+
+async def test_worker_behind_a_leaf_node_serves_requests_from_the_hub(
+    roles: Roles, hub: Hub, leaf: Leaf
+) -> None:
+    leafz = hub.nodes[0].monitor("/leafz")
+    assert [lf["account"] for lf in leafz["leafs"]] == ["LLMFLEET"]
+    async with openai.AsyncOpenAI(base_url=roles.gw.base_url, api_key="x", max_retries=0) as c:
+        raw = await c.chat.completions.with_raw_response.create(
+            model="leaf-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert raw.headers["x-llmfleet-worker"] == "leaf-w"
+        assert raw.parse().usage.completion_tokens == 4  # type: ignore[union-attr]
+        stream = await c.chat.completions.create(
+            model="leaf-model",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=40,
+            stream=True,
+        )
+        parts = [ch.choices[0].delta.content or "" async for ch in stream if ch.choices]
+        assert len([p for p in parts if p]) >= 1 and "".join(parts).count(" ") >= 30
+    # The leaf's user may not publish requests: a client on the GPU host cannot queue work.
+    nc, _ = await _connect(leaf.url, "leaf-denial")
+    try:
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            await nc.jetstream(timeout=1).publish(names.request_subject("leaf-model"), b"{}")
+    finally:
+        await nc.close()
+    assert not [v for v in violations(hub.log()) if "lid:" in v and "llmfleet.req" not in v]
+
+
+async def test_batch_producer_publishes_and_reads_its_own_prefix(roles: Roles, hub: Hub) -> None:
+    nc, errors = await _connect(
+        hub.url("batch-etl"), "batch-etl-ok", inbox_prefix="_LLMFLEET.batch.etl"
+    )
+    try:
+        reply = "_LLMFLEET.batch.etl.job1.r1"
+        sub = await nc.subscribe(reply)
+        await nc.flush()
+        body = json.dumps(
+            {
+                "model": "sim-model",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            }
+        ).encode()
+        seq = await publish_request(nc.jetstream(), "sim-model", body, request_headers(reply))
+        assert seq > 0
+        kinds = []
+        while not kinds or kinds[-1] not in ("done", "error"):
+            kinds.append(json.loads((await sub.next_msg(timeout=10)).data)["type"])
+        assert kinds[0] == "accepted" and kinds[-1] == "done"
+        assert kinds.count("delta") >= 1
+    finally:
+        await nc.close()
+    assert errors == []
+    assert _role_violations(hub, "batch-etl-ok", "llmfleet-worker-") == []
+
+
+# ---- what the roles must not do ---------------------------------------------------------
+
+
+async def test_batch_producer_denials(roles: Roles, hub: Hub) -> None:
+    etl, errors = await _connect(
+        hub.url("batch-etl"), "etl-denied", inbox_prefix="_LLMFLEET.batch.etl"
+    )
+    evals, evals_errors = await _connect(
+        hub.url("batch-evals"), "evals", inbox_prefix="_LLMFLEET.batch.evals"
+    )
+    gw_nc, _ = await _connect(hub.url("gateway"), "gw-control")
+    worker_nc, _ = await _connect(hub.url("worker"), "worker-control")
+    try:
+        spy_gw = await etl.subscribe("_LLMFLEET.gw.>")
+        spy_evals = await etl.subscribe("_LLMFLEET.batch.evals.>")
+        spy_inbox = await etl.subscribe("_INBOX.>")
+        await etl.publish("llmfleet.ctl.hub-w", b'{"type":"drain"}')
+        await etl.publish("llmfleet.ctl.x", b"{}")
+        await etl.publish("llmfleet.hb.fake", b"{}")
+        await etl.flush()
+        await _expect_errors(
+            errors,
+            'subscription to "_llmfleet.gw.>"',
+            'subscription to "_llmfleet.batch.evals.>"',
+            'subscription to "_inbox.>"',
+            'publish to "llmfleet.ctl.hub-w"',
+            'publish to "llmfleet.ctl.x"',
+            'publish to "llmfleet.hb.fake"',
+        )
+        # Control: the legitimate readers of those prefixes get what a worker publishes
+        # there; the producer's denied subscriptions get nothing.
+        gw_sub = await gw_nc.subscribe("_LLMFLEET.gw.probe.1")
+        evals_sub = await evals.subscribe("_LLMFLEET.batch.evals.probe.1")
+        await gw_nc.flush()
+        await evals.flush()
+        await worker_nc.publish("_LLMFLEET.gw.probe.1", b"to-gateway")
+        await worker_nc.publish("_LLMFLEET.batch.evals.probe.1", b"to-evals")
+        await worker_nc.flush()
+        assert (await gw_sub.next_msg(timeout=2)).data == b"to-gateway"
+        assert (await evals_sub.next_msg(timeout=2)).data == b"to-evals"
+        for spy in (spy_gw, spy_evals, spy_inbox):
+            with pytest.raises(nats.errors.TimeoutError):
+                await spy.next_msg(timeout=0.3)
+        # Nor may a producer touch the stream itself.
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            await etl.jetstream(timeout=1).delete_stream(names.REQUEST_STREAM)
+        await _expect_errors(errors, 'publish to "$js.api.stream.delete.llmfleet_requests"')
+    finally:
+        for nc in (etl, evals, gw_nc, worker_nc):
+            await nc.close()
+    assert evals_errors == []
+    assert roles.hub_worker.alive()  # the drain above never reached it
+
+
+async def test_worker_and_gateway_denials(roles: Roles, hub: Hub) -> None:
+    w, w_errors = await _connect(hub.url("worker"), "worker-denied")
+    g, g_errors = await _connect(hub.url("gateway"), "gateway-denied")
+    try:
+        await w.publish("llmfleet.req.sim-model", b"{}")
+        await w.subscribe("llmfleet.req.>")
+        await w.subscribe("_LLMFLEET.gw.>")
+        await w.subscribe("_LLMFLEET.batch.>")
+        await w.flush()
+        await _expect_errors(
+            w_errors,
+            'publish to "llmfleet.req.sim-model"',
+            'subscription to "llmfleet.req.>"',
+            'subscription to "_llmfleet.gw.>"',
+            'subscription to "_llmfleet.batch.>"',
+        )
+        await g.publish("llmfleet.hb.fake", b"{}")
+        await g.publish(names.service_subject("hub-w", "drain"), b"")
+        await g.subscribe("_LLMFLEET.batch.>")
+        await g.flush()
+        await _expect_errors(
+            g_errors,
+            'publish to "llmfleet.hb.fake"',
+            'publish to "llmfleet.ctl.hub-w.drain"',
+            'subscription to "_llmfleet.batch.>"',
+        )
+    finally:
+        await w.close()
+        await g.close()
+    assert roles.hub_worker.alive()
+
+
+# ---- the operator -----------------------------------------------------------------------
+
+
+async def test_admin_reads_queues_and_services(roles: Roles, hub: Hub) -> None:
+    nc, errors = await _connect(hub.url("admin"), "admin-ok")
+    try:
+        info = await nc.jetstream().consumer_info(
+            names.REQUEST_STREAM, names.consumer_name("sim-model")
+        )
+        assert info.name == "llmfleet-sim-model"
+        assert info.stream_name == names.REQUEST_STREAM
+        # A ctl ping answered by a worker on the hub and one behind the leaf node
+        # (allow_responses, across the leaf connection too).
+        for worker in ("hub-w", "leaf-w"):
+            pong = await nc.request(names.control_subject(worker), b'{"type":"ping"}', timeout=2)
+            assert json.loads(pong.data)["type"] == "pong"
+        # nats micro discovery reaches every worker, each answering once.
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(f"$SRV.PING.{names.SERVICE_NAME}", b"", reply=inbox)
+        seen = []
+        with pytest.raises(nats.errors.TimeoutError):
+            while True:
+                seen.append(json.loads((await sub.next_msg(timeout=1)).data))
+        assert sorted(s["metadata"]["worker"] for s in seen) == ["hub-w", "leaf-w"]
+        # The operator cannot queue requests.
+        await nc.publish("llmfleet.req.sim-model", b"{}")
+        await nc.flush()
+        await _expect_errors(errors, 'publish to "llmfleet.req.sim-model"')
+    finally:
+        await nc.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMFLEET_")}
+    return subprocess.run(
+        [sys.executable, "-m", "common", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+def test_status_and_drain_cli_with_admin_credentials(roles: Roles, hub: Hub) -> None:
+    url = hub.url("admin")
+    r = _cli("status", "--nats", url, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {w["worker"] for w in doc["workers"]} == {"hub-w", "leaf-w"}
+    assert {"sim-model", "leaf-model"} <= {m["model"] for m in doc["models"]}
+
+    r = _cli("drain", "leaf-w", "--nats", url, "--wait", "--timeout", "30")
+    assert r.returncode == 0, r.stderr
+    roles.leaf_worker.popen.wait(30)
+    assert roles.leaf_worker.popen.returncode == 0
+    # By now the gateway has polled the queues for /metrics too (--queue-poll 5 s).
+    assert _role_violations(hub, "llmfleet-cli", "llmfleet-worker-", "llmfleet-gateway-") == []
