@@ -16,14 +16,17 @@ import time
 from typing import Any
 
 import msgspec
+from nats.js.errors import ServiceUnavailableError
 
 from common import __version__, names
 from common import protocol as p
 from common.bodies import BodySettings, BodyStore
 from common.natsconn import close, connect, flush, jetstream
 from common.queue import QueueSettings, ensure_consumer, ensure_stream
+from common.telemetry import Telemetry, serve_metrics
 from worker.engine import Engine
 from worker.micro import start_service
+from worker.observe import WorkerMetrics, observe_worker
 from worker.rates import Rate, RateWindow, Totals
 from worker.runner import ModelRunner, RunnerSettings
 
@@ -43,6 +46,8 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     drain_grace_s: float = 30.0
     queue: QueueSettings = QueueSettings()
     runner: RunnerSettings = RunnerSettings()
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: no /metrics server
 
 
 def default_worker_id() -> str:
@@ -51,7 +56,12 @@ def default_worker_id() -> str:
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, models: list[ServedModel]) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        models: list[ServedModel],
+        telemetry: Telemetry | None = None,
+    ) -> None:
         if not models:
             raise ValueError("a worker needs at least one model")
         self.settings = settings
@@ -66,6 +76,11 @@ class Worker:
         self._stop = asyncio.Event()
         self._nc: Any = None
         self.failed = False  # an engine failed to start; the process should exit non-zero
+        # Metrics and traces; built (and shut down) by the caller, like the gateway's.
+        self.telemetry = telemetry or Telemetry.off("llmfleet-worker")
+        self._job_metrics = WorkerMetrics(self.telemetry)
+        observe_worker(self.telemetry, lambda: list(self.runners), lambda: self._nc)
+        self.metrics_port: int | None = None  # the bound /metrics port, once serving
 
     def announcement(self) -> p.WorkerAnnounce:
         """This worker's stats snapshot: the catalog entry, `status` and `$SRV.STATS`."""
@@ -165,10 +180,7 @@ class Worker:
 
         async def on_reconnect() -> None:
             # A restarted broker may have lost the (memory) stream and consumers.
-            js = jetstream(nc)
-            await ensure_stream(js, s.queue)
-            for m in self.models:
-                await ensure_consumer(js, m.model_id, s.queue)
+            await self._ensure_queue(jetstream(nc), retry=False)
             for r in self.runners:
                 r.reconnected()
             await self._announce()
@@ -178,15 +190,35 @@ class Worker:
         )
         self._nc = nc
         try:
-            js = jetstream(nc)
-            await ensure_stream(js, s.queue)
-            for m in self.models:
-                await ensure_consumer(js, m.model_id, s.queue)
+            await self._ensure_queue(jetstream(nc), retry=True)
             await self._serve(nc, ready)
         finally:
             for m in self.models:
                 await m.engine.aclose()
             await close(nc)
+
+    async def _ensure_queue(self, js: Any, *, retry: bool) -> None:
+        """Create the stream and this worker's consumers unless they exist. With `retry`,
+        wait for JetStream while it does not answer (a cluster electing its leader, a leaf
+        node still connecting to its hub) instead of failing the start."""
+        delay = 0.25
+        while True:
+            try:
+                await ensure_stream(js, self.settings.queue)
+                for m in self.models:
+                    await ensure_consumer(js, m.model_id, self.settings.queue)
+                return
+            except (ServiceUnavailableError, TimeoutError) as exc:
+                if not retry:
+                    raise
+                log.warning(
+                    "worker %s: JetStream is not answering (%s); retrying in %.1fs",
+                    self.worker_id,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _start_engines(self) -> bool:
         """Start every engine; False (logged) if one cannot, so the worker leaves cleanly."""
@@ -217,6 +249,13 @@ class Worker:
                 drain=self.request_drain,
             )
             await flush(nc)
+            metrics_task = None
+            if s.metrics_port > 0 and self.telemetry.metrics:
+                bound: asyncio.Future[int] = loop.create_future()
+                metrics_task = tg.create_task(
+                    serve_metrics(self.telemetry, s.metrics_host, s.metrics_port, bound)
+                )
+                self.metrics_port = await bound
             beats = tg.create_task(self._heartbeats())
             starting = tg.create_task(self._start_engines())
             stop = tg.create_task(self._stop.wait())
@@ -238,6 +277,7 @@ class Worker:
                         worker_id=self.worker_id,
                         settings=s.runner,
                         bodies=BodyStore(jetstream(nc), BodySettings(replicas=s.queue.replicas)),
+                        metrics=self._job_metrics if self.telemetry.enabled else None,
                     )
                     started: asyncio.Future[None] = loop.create_future()
                     runner_tasks.append(tg.create_task(runner.run(started)))
@@ -268,5 +308,7 @@ class Worker:
             await ctl.unsubscribe()
             self.state = "stopped"
             beats.cancel()
+            if metrics_task is not None:
+                metrics_task.cancel()
             await self._announce()
             log.info("worker %s stopped", self.worker_id)
