@@ -65,12 +65,10 @@ def _truthy(raw: str) -> bool:
     raise ValueError(raw)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from common.logs import setup_logging  # noqa: PLC0415
+
+    setup_logging(level, fmt)
 
 
 def run_async(main: Coroutine[Any, Any, Any]) -> Any:
@@ -125,6 +123,25 @@ def _gateway_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(p, "--max-n", 128, "largest n accepted", int)
     add(p, "--max-queue", 10000, "requests that may wait per model (more: 429)", int)
     add(p, "--stream-replicas", 1, "replicas of the request stream (3 on a cluster)", int)
+    add(p, "--queue-poll", 5.0, "seconds between queue-depth polls for /metrics (0: off)", float)
+    add(
+        p,
+        "--access-log",
+        "on",
+        "one INFO line per finished request (logger llmfleet.access)",
+        choices=["on", "off"],
+    )
+    _otlp_arg(p)
+
+
+def _otlp_arg(p: argparse.ArgumentParser) -> None:
+    add(
+        p,
+        "--otlp-endpoint",
+        "",
+        "OTLP/HTTP collector URL for traces and metrics, e.g. http://127.0.0.1:4318 "
+        "(empty: OTEL_EXPORTER_OTLP_ENDPOINT, else tracing off)",
+    )
 
 
 def _worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
@@ -155,6 +172,9 @@ def _worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(p, "--worker-id", "", "worker id (default: host-pid-random)")
     add(p, "--heartbeat", 1.0, "seconds between catalog announcements", float)
     add(p, "--drain-grace", 30.0, "seconds in-flight requests get on SIGTERM", float)
+    add(p, "--metrics-port", 0, "port for Prometheus GET /metrics (0: off)", int)
+    add(p, "--metrics-host", "127.0.0.1", "listen address of --metrics-port")
+    _otlp_arg(p)
     if with_nats:
         add(
             p,
@@ -187,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--version", action="version", version=f"llmfleet {__version__}")
     add(top, "--log-level", "info", "debug | info | warning | error")
+    add(top, "--log-format", "text", "text | json (JSON lines)", choices=["text", "json"])
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _nats_args(sub.add_parser("nats", help="run the embedded nats-server with JetStream"))
     _gateway_args(sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway"))
@@ -270,8 +291,20 @@ def build_worker(args: argparse.Namespace, nats_url: str) -> Any:
         heartbeat_s=args.heartbeat,
         drain_grace_s=args.drain_grace,
         queue=QueueSettings(replicas=getattr(args, "stream_replicas", 1)),
+        metrics_host=getattr(args, "metrics_host", "127.0.0.1"),
+        metrics_port=getattr(args, "metrics_port", 0),
     )
-    return Worker(settings, served)
+    return Worker(settings, served, _telemetry(args, "llmfleet-worker", settings.metrics_port > 0))
+
+
+def _telemetry(args: argparse.Namespace, service: str, metrics: bool) -> Any:
+    """One process's metrics and tracing (OTLP only when an endpoint is configured)."""
+    from common.telemetry import Telemetry, otlp_endpoint_from_env  # noqa: PLC0415
+
+    endpoint = otlp_endpoint_from_env(getattr(args, "otlp_endpoint", ""))
+    return Telemetry(
+        service_name=service, metrics=metrics or bool(endpoint), otlp_endpoint=endpoint
+    )
 
 
 def build_gateway(args: argparse.Namespace, nats_url: str) -> Any:
@@ -280,9 +313,12 @@ def build_gateway(args: argparse.Namespace, nats_url: str) -> Any:
     from gateway.server import Gateway, GatewaySettings  # noqa: PLC0415
     from gateway.validate import Limits  # noqa: PLC0415
 
+    if getattr(args, "access_log", "on") == "off":
+        logging.getLogger("llmfleet.access").setLevel(logging.WARNING)
     return Gateway(
         GatewaySettings(
             nats_url=nats_url,
+            queue_poll_s=getattr(args, "queue_poll", 5.0),
             host=args.host,
             port=args.port,
             api_key=getattr(args, "api_key", "") or None,
@@ -305,7 +341,8 @@ def build_gateway(args: argparse.Namespace, nats_url: str) -> Any:
                 max_per_model=getattr(args, "max_queue", 10000),
                 replicas=getattr(args, "stream_replicas", 1),
             ),
-        )
+        ),
+        _telemetry(args, "llmfleet-gateway", True),
     )
 
 
@@ -369,13 +406,21 @@ async def _run_with_signals(
 
 def cmd_gateway(args: argparse.Namespace) -> None:
     gw = build_gateway(args, args.nats_url)
-    if not run_async(_run_with_signals(gw.run, gw.request_stop)):
+    try:
+        ok = run_async(_run_with_signals(gw.run, gw.request_stop))
+    finally:
+        gw.telemetry.shutdown()
+    if not ok:
         raise SystemExit(1)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
     w = build_worker(args, args.nats_url)
-    if not run_async(_run_with_signals(w.run, w.request_drain)) or w.failed:
+    try:
+        ok = run_async(_run_with_signals(w.run, w.request_drain))
+    finally:
+        w.telemetry.shutdown()
+    if not ok or w.failed:
         raise SystemExit(1)
 
 
@@ -396,7 +441,11 @@ def cmd_dev(args: argparse.Namespace) -> None:
         if args.engine == "llamacpp" and not args.model and _embeddings_installed():
             emb = argparse.Namespace(**{**vars(args), "engine": "embeddings", "model_path": ""})
             workers.append(build_worker(emb, server.url))
-        run_async(_dev(gw, workers, args, server.url))
+        try:
+            run_async(_dev(gw, workers, args, server.url))
+        finally:
+            for part in (gw, *workers):
+                part.telemetry.shutdown()
     finally:
         server.stop()
 
@@ -487,7 +536,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     COMMANDS[args.command](args)
 
 

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import msgspec
+from opentelemetry import trace
 
 from common import protocol as p
 from common.errors import (
@@ -28,6 +29,8 @@ from common.errors import (
     NotFound,
     Unauthorized,
 )
+from common.logs import bind
+from common.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry, gen_ai_operation
 from gateway import render
 from gateway.catalog import Catalog, ModelEntry
 from gateway.dispatch import Dispatcher, Submission
@@ -43,6 +46,7 @@ from gateway.http import (
     send_error,
     send_json,
 )
+from gateway.observe import CLIENT_CLOSED, MODEL, GatewayMetrics, RequestRecord
 from gateway.resume import ResumingReplies
 from gateway.validate import Limits, Parsed, parse
 
@@ -91,7 +95,10 @@ class GatewayApp:
         ready_check: Any,
         cors_origins: tuple[str, ...] = (),
         resume_on_failure: bool = False,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self.telemetry = telemetry or Telemetry.off()
+        self.metrics = GatewayMetrics(self.telemetry)
         self.cors_origins = cors_origins
         self.resume_on_failure = resume_on_failure
         self.dispatcher = dispatcher
@@ -121,6 +128,14 @@ class GatewayApp:
                 await self._infer(op, scope, receive, send)
             elif path == "/healthz":
                 await send_json(send, 200, b'{"status":"ok"}')
+            elif path == "/metrics":  # like /healthz: no API key (counts and names only)
+                body = self.telemetry.render_metrics()
+                headers = [
+                    (b"content-type", PROMETHEUS_CONTENT_TYPE),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
             elif path == "/stats":
                 self._auth(scope)  # it shows the fleet: same key as /v1
                 await send_json(send, 200, render.json_bytes(self.snapshot_stats()))
@@ -234,32 +249,60 @@ class GatewayApp:
     async def _infer(self, op: str, scope: Scope, receive: Receive, send: Send) -> None:
         self.stats.requests += 1
         rid = secrets.token_hex(12)
-        extra = [(b"x-request-id", rid.encode())]
-        try:
-            self._auth(scope)
-            body = await read_body(scope, receive, self.limits.max_body_bytes)
-            parsed = parse(op, body, self.limits)
-            if self.catalog.snapshot.lookup(parsed.model) is None:
-                raise ModelNotFound(
-                    f"The model '{parsed.model}' does not exist or no worker serves it.",
-                    param="model",
-                )
-            sub = await self.dispatcher.submit(
-                parsed, rid, header(scope, b"traceparent"), _timeout_header(scope)
+        bind(request_id=rid)
+        traceparent = header(scope, b"traceparent")
+        span = None
+        if self.telemetry.tracing:
+            span = self.metrics.server_span(
+                op, scope["method"], scope["path"], traceparent, header(scope, b"tracestate")
             )
-        except FleetError as err:
-            self._count(err.status)
-            await send_error(send, err, extra)
-            return
-        except ClientGone:
-            self.stats.disconnects += 1
-            return
-        self.stats.in_flight += 1
+        rec = RequestRecord(op, rid, span)
+        extra = [(b"x-request-id", rid.encode())]
+        published = False
         try:
-            await self._run(parsed, sub, receive, send, rid, extra)
+            try:
+                self._auth(scope)
+                body = await read_body(scope, receive, self.limits.max_body_bytes)
+                parsed = parse(op, body, self.limits)
+                rec.stream = parsed.stream
+                if self.catalog.snapshot.lookup(parsed.model) is None:
+                    raise ModelNotFound(
+                        f"The model '{parsed.model}' does not exist or no worker serves it.",
+                        param="model",
+                    )
+                rec.model = parsed.model
+                bind(model=parsed.model)
+                ctx = None
+                if span is not None:
+                    span.update_name(f"{gen_ai_operation(op)} {parsed.model}")
+                    span.set_attribute(MODEL, parsed.model)
+                    ctx = trace.set_span_in_context(span)
+                sub = await self.dispatcher.submit(
+                    parsed, rid, traceparent, _timeout_header(scope), ctx
+                )
+            except FleetError as err:
+                self._count(err.status)
+                rec.fail(err.status, err.code or err.type)
+                await send_error(send, err, extra)
+                return
+            except ClientGone:
+                self.stats.disconnects += 1
+                rec.fail(CLIENT_CLOSED, "client_disconnected")
+                return
+            except Exception:
+                rec.fail(500, "internal_error")
+                raise
+            published = True
+            self.metrics.started(rec)
+            self.stats.in_flight += 1
+            try:
+                await self._run(parsed, sub, receive, send, rid, extra, rec)
+            finally:
+                self.stats.in_flight -= 1
+                rec.accepted_at = sub.accepted_at
+                await sub.close()
         finally:
-            self.stats.in_flight -= 1
-            await sub.close()
+            self.metrics.finish(rec, published=published)
 
     async def _run(
         self,
@@ -269,9 +312,10 @@ class GatewayApp:
         send: Send,
         rid: str,
         extra: list[tuple[bytes, bytes]],
+        rec: RequestRecord,
     ) -> None:
         async with asyncio.TaskGroup() as tg:
-            respond = tg.create_task(self._respond(parsed, sub, send, rid, extra))
+            respond = tg.create_task(self._respond(parsed, sub, send, rid, extra, rec))
             watch = tg.create_task(_wait_disconnect(receive))
             await asyncio.wait({respond, watch}, return_when=asyncio.FIRST_COMPLETED)
             if respond.done():
@@ -279,6 +323,7 @@ class GatewayApp:
             else:
                 respond.cancel()
                 self.stats.disconnects += 1
+                rec.fail(CLIENT_CLOSED, "client_disconnected")
                 log.debug("request %s: client disconnected", rid)
         if not sub.terminal:
             await self.dispatcher.cancel(sub)
@@ -290,6 +335,7 @@ class GatewayApp:
         send: Send,
         rid: str,
         extra: list[tuple[bytes, bytes]],
+        rec: RequestRecord,
     ) -> None:
         headers_sent = False
         renderer: render.StreamRenderer | None = None
@@ -302,12 +348,14 @@ class GatewayApp:
             enabled=self.resume_on_failure,
             traceparent=sub.traceparent,
             timeout_s=sub.timeout_s,
+            trace_context=None if rec.span is None else trace.set_span_in_context(rec.span),
         )
         try:
             await sub.first()
+            bind(worker=sub.worker)
             created = int(time.time())
             if not parsed.stream:
-                await self._collect(parsed, replies, send, rid, created, extra)
+                await self._collect(parsed, replies, send, rid, created, extra, rec)
                 return
             prefix = "chatcmpl-" if parsed.op == "chat" else "cmpl-"
             renderer = render.StreamRenderer(
@@ -318,6 +366,8 @@ class GatewayApp:
                 include_usage=parsed.include_usage,
             )
             msg = await replies.next()  # errors before the first output keep their status
+            if isinstance(msg, p.Delta):
+                rec.first_at = time.perf_counter()
             extra = [*extra, *_worker_header(sub)]
             await send(
                 {
@@ -331,6 +381,8 @@ class GatewayApp:
             while True:
                 if isinstance(msg, p.Done):
                     unsent.append(renderer.finish(msg.usage))
+                    rec.tokens_in = msg.usage.prompt_tokens
+                    rec.tokens_out = msg.usage.completion_tokens
                     await send({"type": "http.response.body", "body": b"".join(unsent)})
                     self.stats.ok += 1
                     return
@@ -343,6 +395,7 @@ class GatewayApp:
                 msg = await replies.next()
         except FleetError as err:
             self._count(err.status)
+            rec.fail(200 if headers_sent else err.status, err.code or err.type)
             if not headers_sent:
                 await send_error(send, err, extra)
             elif renderer is not None:
@@ -351,12 +404,15 @@ class GatewayApp:
         except Exception:
             log.exception("request %s failed in the gateway", rid)
             self.stats.server_errors += 1
+            rec.fail(200 if headers_sent else 500, "internal_error")
             internal = InternalError("The gateway failed while handling the request.")
             if not headers_sent:
                 await send_error(send, internal, extra)
             elif renderer is not None:
                 await send({"type": "http.response.body", "body": renderer.fail(internal.body())})
         finally:
+            rec.worker = replies.current.worker or ""
+            rec.worker_model = replies.current.model
             await replies.close()
 
     async def _collect(
@@ -367,17 +423,21 @@ class GatewayApp:
         rid: str,
         created: int,
         extra: list[tuple[bytes, bytes]],
+        rec: RequestRecord,
     ) -> None:
         acc = render.Assembler(parsed.n)
         while True:
             msg = await replies.next()
             if isinstance(msg, p.Delta):
+                if rec.first_at is None:
+                    rec.first_at = time.perf_counter()
                 acc.add(msg)
             elif isinstance(msg, p.Embedding):
                 acc.add_embedding(msg)
             else:
                 break
         usage = msg.usage
+        rec.tokens_in, rec.tokens_out = usage.prompt_tokens, usage.completion_tokens
         if parsed.op == "chat":
             body = acc.chat_body("chatcmpl-" + rid, created, parsed.model, usage)
         elif parsed.op == "completion":
@@ -396,7 +456,10 @@ def _with_cors(send: Send, origin: str | None, allowed: tuple[str, ...]) -> Send
         (b"access-control-allow-origin", origin.encode("latin-1")),
         (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
         (b"access-control-allow-headers", b"authorization, content-type, x-llmfleet-timeout"),
-        (b"access-control-expose-headers", b"x-request-id, x-llmfleet-worker, retry-after"),
+        (
+            b"access-control-expose-headers",
+            b"x-request-id, x-llmfleet-worker, x-llmfleet-model, retry-after",
+        ),
         (b"access-control-max-age", b"600"),
         (b"vary", b"origin"),
     ]
@@ -410,8 +473,14 @@ def _with_cors(send: Send, origin: str | None, allowed: tuple[str, ...]) -> Send
 
 
 def _worker_header(sub: Submission) -> list[tuple[bytes, bytes]]:
-    """Names the worker that produced the answer (after any redelivery)."""
-    return [(b"x-llmfleet-worker", sub.worker.encode())] if sub.worker else []
+    """Names the worker that produced the answer (after any redelivery) and the model it
+    served (as the worker names it)."""
+    if not sub.worker:
+        return []
+    out = [(b"x-llmfleet-worker", sub.worker.encode())]
+    if sub.model:
+        out.append((b"x-llmfleet-model", sub.model.encode("utf-8", "replace")))
+    return out
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import msgspec
 import nats.errors
 import nats.js.errors
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common import names
 from common import protocol as p
@@ -33,6 +37,7 @@ from common.errors import (
     UpstreamError,
 )
 from common.natsconn import header_bytes
+from common.telemetry import Telemetry, gen_ai_operation
 from gateway.mux import ReplyMux, ReplyQueue
 from gateway.validate import Parsed
 
@@ -63,8 +68,11 @@ class Submission:
         self.timeout_s: float | None = None
         self.client_bound = False  # the client's timeout, not the queue timeout, limits it
         self.worker: str | None = None
+        self.model = ""  # the model as the accepting worker names it
         self.ack_subject = ""
         self.queued_ms: float | None = None
+        self.accepted_at: float | None = None  # perf_counter at the first `accepted`
+        self.queue_span: trace.Span | None = None  # "queue wait": publish -> accepted
         self._expect = 0
         self.terminal = False
         self.started = False  # any content received
@@ -106,8 +114,9 @@ class Submission:
             except _Timeout:
                 late = None
             if isinstance(late, p.Accepted):
-                self._d.queue_timeouts -= 1
                 return self._on_first(late)
+            self._d.queue_timeouts += 1
+            self._end_queue_span("queue_timeout")
             await self.close()  # from here on, a late `accepted` is cancelled at once
             if self.client_bound:
                 raise GatewayTimeout(
@@ -124,14 +133,33 @@ class Submission:
     def _on_first(self, msg: p.Reply) -> p.Accepted:
         if isinstance(msg, p.Error):
             self.terminal = True
+            self._end_queue_span(msg.error.code or msg.error.type)
             raise FleetError.from_body(msg.status, msg.error, msg.retry_after)
         if not isinstance(msg, p.Accepted):
+            self._end_queue_span("protocol_error")
             raise UpstreamError("A worker's reply stream did not start with 'accepted'.")
         self.worker = msg.worker
+        self.model = msg.model
         self.ack_subject = msg.ack_subject
         self.queued_ms = msg.queued_ms
         self._expect = msg.seq + 1
+        if self.accepted_at is None:
+            self.accepted_at = time.perf_counter()
+            if self.queue_span is not None:
+                self.queue_span.set_attribute("llmfleet.worker", msg.worker)
+                if msg.queued_ms is not None:
+                    self.queue_span.set_attribute("llmfleet.queued_ms", msg.queued_ms)
+                self._end_queue_span(None)
         return msg
+
+    def _end_queue_span(self, error: str | None) -> None:
+        span, self.queue_span = self.queue_span, None
+        if span is None:
+            return
+        if error is not None:
+            span.set_attribute("error.type", error)
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
 
     async def next(self) -> p.Delta | p.Embedding | p.Done:
         """The next content or `done` message; raises FleetError for `error` and faults.
@@ -218,6 +246,7 @@ class Submission:
         request was being given up) is told to cancel: nobody will read its stream. Later
         messages go to the mux's orphan handling, which does the same."""
         self._d.mux.close(self._rq)
+        self._end_queue_span("cancelled")  # still open: nobody accepted it
         if self.terminal:
             return
         while not self._rq.queue.empty():
@@ -248,7 +277,9 @@ class Dispatcher:
         mux: ReplyMux,
         settings: DispatchSettings,
         bodies: BodyStore | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self.tel = telemetry or Telemetry.off()
         self.nc = nc
         self.js = js
         self.bodies = bodies
@@ -262,6 +293,8 @@ class Dispatcher:
         self.publish_retries = 0
         self.resumed = 0
         self.redelivered = 0
+        self.cancels_sent = 0  # cancel messages sent to workers (client gone, stream failed)
+        self.withdrawn = 0  # requests taken back out of the queue before a worker took them
 
     def _headers(
         self,
@@ -293,8 +326,28 @@ class Dispatcher:
         request_id: str,
         traceparent: str | None = None,
         timeout_s: float | None = None,
+        trace_context: Context | None = None,
     ) -> Submission:
+        """Publish the request. With `trace_context` (tracing on) a `queue wait` span starts
+        under it, and its traceparent (not the incoming `traceparent`) goes to the worker."""
         rq = self.mux.open()
+        span: trace.Span | None = None
+        subject = names.request_subject(parsed.model)
+        if trace_context is not None:
+            span = self.tel.tracer.start_span(
+                "queue wait",
+                context=trace_context,
+                kind=SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.operation.type": "send",
+                    "messaging.destination.name": subject,
+                    "gen_ai.operation.name": gen_ai_operation(parsed.op),
+                    "gen_ai.request.model": parsed.model,
+                    "llmfleet.request_id": request_id,
+                },
+            )
+            traceparent = self.tel.traceparent(span)
         try:
             headers = self._headers(parsed, request_id, rq.subject, traceparent, timeout_s)
             payload = parsed.body
@@ -311,13 +364,19 @@ class Dispatcher:
                 )
                 payload = b""
                 self.by_reference += 1
-            seq = await self._publish(names.request_subject(parsed.model), payload, headers)
-        except BaseException:
+            seq = await self._publish(subject, payload, headers)
+        except BaseException as exc:
             self.mux.close(rq)
+            if span is not None:
+                err = exc.code if isinstance(exc, FleetError) and exc.code else type(exc).__name__
+                span.set_attribute("error.type", err)
+                span.set_status(Status(StatusCode.ERROR, err))
+                span.end()
             raise
         self.published += 1
         sub = Submission(self, rq, request_id, seq)
         sub.traceparent, sub.timeout_s = traceparent, timeout_s
+        sub.queue_span = span
         if timeout_s is not None and timeout_s < self.settings.queue_timeout_s:
             sub.queue_wait_s, sub.client_bound = timeout_s, True
         return sub
@@ -375,7 +434,6 @@ class Dispatcher:
 
     async def withdraw(self, sub: Submission) -> None:
         """Take a not-yet-accepted request back out of the queue (best effort)."""
-        self.queue_timeouts += 1
         try:
             await self.js.delete_msg(names.REQUEST_STREAM, sub.stream_seq)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
@@ -386,11 +444,13 @@ class Dispatcher:
         if sub.terminal:
             return
         if sub.worker is None:
+            self.withdrawn += 1
             await self.withdraw(sub)
             return
         await self.send_cancel(sub.worker, sub.request_id)
 
     async def send_cancel(self, worker: str, request_id: str) -> None:
+        self.cancels_sent += 1
         if self.nc.is_connected:
             await self.nc.publish(
                 names.control_subject(worker), p.encode(p.Cancel(request_id=request_id))

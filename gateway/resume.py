@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from opentelemetry.context import Context
 
 from common import protocol as p
 from common.errors import FleetError
@@ -87,8 +88,10 @@ class ResumingReplies:
         traceparent: str | None = None,
         timeout_s: float | None = None,
         max_resumes: int = 2,
+        trace_context: Context | None = None,
     ) -> None:
         self._timeout_s = timeout_s
+        self._trace = trace_context
         self._d = dispatcher
         self._parsed = parsed
         self.current = sub
@@ -138,7 +141,7 @@ class ResumingReplies:
             raise err
         self.resumed += 1
         rid = f"{self._rid}-r{self.resumed}"
-        sub = await self._d.submit(cont, rid, self._traceparent, self._timeout_s)
+        sub = await self._d.submit(cont, rid, self._traceparent, self._timeout_s, self._trace)
         self._extra.append(sub)
         await sub.first()
         self._base, self._in_current = tokens, 0

@@ -20,10 +20,12 @@ from common import protocol as p
 from common.bodies import BodySettings, BodyStore
 from common.natsconn import close, connect, flush, jetstream
 from common.queue import QueueSettings, ensure_stream
+from common.telemetry import Telemetry
 from gateway.app import GatewayApp
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.mux import ReplyMux
+from gateway.observe import observe_gateway
 from gateway.validate import Limits
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     cors_origins: tuple[str, ...] = ()
     resume_on_failure: bool = False
     shutdown_grace_s: float = 30.0
+    queue_poll_s: float = 5.0  # queue-depth metric refresh (0: off)
 
 
 class _Server(uvicorn.Server):
@@ -54,8 +57,12 @@ class _Server(uvicorn.Server):
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings) -> None:
+    """One gateway process. `telemetry` (metrics, tracing) is built by the caller, which
+    also shuts it down; without one, `/metrics` is empty and nothing is traced."""
+
+    def __init__(self, settings: GatewaySettings, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
+        self.telemetry = telemetry or Telemetry.off("llmfleet-gateway")
         self.gateway_id = settings.gateway_id or secrets.token_hex(4)
         self._stop = asyncio.Event()
         self.app: GatewayApp | None = None
@@ -109,7 +116,12 @@ class Gateway:
         hb = await nc.subscribe(names.HEARTBEAT_PREFIX + "*", cb=on_heartbeat)
         await flush(nc)
         dispatcher = Dispatcher(
-            nc, js, mux, s.dispatch, BodyStore(js, BodySettings(replicas=s.queue.replicas))
+            nc,
+            js,
+            mux,
+            s.dispatch,
+            BodyStore(js, BodySettings(replicas=s.queue.replicas)),
+            telemetry=self.telemetry,
         )
 
         async def ready_check() -> bool:
@@ -129,6 +141,10 @@ class Gateway:
             ready_check=ready_check,
             cors_origins=s.cors_origins,
             resume_on_failure=s.resume_on_failure,
+            telemetry=self.telemetry,
+        )
+        observe_gateway(
+            self.telemetry, stats=self.app.stats, dispatcher=dispatcher, catalog=catalog, nc=nc
         )
         config = uvicorn.Config(
             self.app,
@@ -138,6 +154,7 @@ class Gateway:
             lifespan="off",
             access_log=False,
             server_header=False,
+            log_config=None,  # uvicorn's loggers go through ours (--log-format)
             log_level="warning",
             timeout_graceful_shutdown=int(s.shutdown_grace_s),
             backlog=4096,
@@ -145,6 +162,13 @@ class Gateway:
         server = _Server(config)
         async with asyncio.TaskGroup() as tg:
             cat_task = tg.create_task(catalog.run())
+            poll_task = None
+            if self.telemetry.metrics and s.queue_poll_s > 0:
+                poll_task = tg.create_task(
+                    self.app.metrics.poll_queues(
+                        js, lambda: list(catalog.snapshot.models), s.queue_poll_s
+                    )
+                )
             await nc.publish(names.DISCOVER_SUBJECT, b"")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(s.discover_wait_s):
@@ -165,6 +189,8 @@ class Gateway:
                 server.should_exit = True
             await srv_task
             cat_task.cancel()
+            if poll_task is not None:
+                poll_task.cancel()
             await hb.unsubscribe()
             await mux.stop()
         if not server.started:

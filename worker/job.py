@@ -24,6 +24,7 @@ from common.errors import (
     InvalidRequest,
     ServiceUnavailable,
 )
+from common.logs import bind
 from common.openai_types import (
     CHAT_DECODER,
     COMPLETION_DECODER,
@@ -33,6 +34,7 @@ from common.openai_types import (
 )
 from worker.decide import coalesce
 from worker.engine import Engine, EngineEvent, Output
+from worker.observe import JobObserver, WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class JobResult(msgspec.Struct, frozen=True):
     request_id: str
     ok: bool
     tokens_out: int = 0
+    tokens_in: int = 0
 
 
 class _Failed(msgspec.Struct):
@@ -134,6 +137,7 @@ class ReplyWriter:
         self.watch = watch
         self.seq = 0
         self.last_sent = time.monotonic()
+        self.first_output_at: float | None = None  # perf_counter at the first delta
 
     def next_seq(self) -> int:
         s = self.seq
@@ -223,6 +227,7 @@ async def _pump(
             for choices in coalesce(outputs):
                 if first:
                     first = False
+                    out.first_output_at = time.perf_counter()
                     await on_first()
                 await out.send(p.Delta(seq=out.next_seq(), choices=choices, tokens=produced))
     if failure is not None:
@@ -267,16 +272,38 @@ class JobHandle:
             await self.writer.heartbeat()
 
 
-async def run_job(handle: JobHandle, *, engine: Engine, worker: str, model: str) -> JobResult:
+async def run_job(
+    handle: JobHandle,
+    *,
+    engine: Engine,
+    worker: str,
+    model: str,
+    metrics: WorkerMetrics | None = None,
+) -> JobResult:
     """Run one accepted request to its terminal reply. Never raises (except cancellation).
 
     The broker message is acked just before the first output or terminal message, so a
     worker that dies before its first token leaves the request to be redelivered.
+    With `metrics`, the job is traced and timed (`JobObserver`).
     """
     spec = handle.spec
     out = handle.writer
     first = handle.ack
-
+    bind(request_id=spec.request_id, model=model, worker=worker)
+    obs: JobObserver | None = None
+    if metrics is not None:
+        obs = metrics.job(
+            request_id=spec.request_id,
+            op=spec.op,
+            model=model,
+            worker=worker,
+            engine=engine,
+            traceparent=spec.traceparent,
+            queued_ms=spec.queued_ms,
+        )
+    usage: p.Usage | None = None
+    outcome: str = "failed"
+    error: str | None = "internal_error"
     await out.accepted(spec, worker, model, handle.ack_subject)
     try:
         timeout_at: float | None = None
@@ -286,27 +313,41 @@ async def run_job(handle: JobHandle, *, engine: Engine, worker: str, model: str)
         async with asyncio.timeout_at(timeout_at):
             if spec.body_ref is not None:
                 spec = await _load_body(handle)
+            if obs is not None:
+                obs.engine_started()
             usage = await _execute(spec, engine, out, first)
         await _forget_body(handle)
         await out.send(p.Done(seq=out.next_seq(), usage=usage))
-        return JobResult(spec.request_id, ok=True, tokens_out=usage.completion_tokens)
+        outcome, error = "completed", None
+        return JobResult(
+            spec.request_id,
+            ok=True,
+            tokens_out=usage.completion_tokens,
+            tokens_in=usage.prompt_tokens,
+        )
     except asyncio.CancelledError:
         log.debug("request %s cancelled", spec.request_id)
+        outcome, error = "cancelled", "cancelled"
         # Cancelled (client gone, drain grace over): still end the stream properly.
         err = ServiceUnavailable("The request was cancelled on the worker.", code="cancelled")
         await asyncio.shield(_end_cancelled(first, out, err))
         raise
-    except FleetError as err:
+    except FleetError as exc:
+        error = exc.code or exc.type
         await first()
-        await out.error(err)
+        await out.error(exc)
         await _forget_body(handle)
     except TimeoutError:
+        error = "deadline_exceeded"
         await first()
         await out.error(GatewayTimeout("The request's deadline passed during generation."))
     except Exception:
         log.exception("request %s failed in the engine", spec.request_id)
         await first()
         await out.error(InternalError("The worker failed while generating."))
+    finally:
+        if obs is not None:
+            obs.finish(outcome, out.first_output_at, usage, error)
     return JobResult(spec.request_id, ok=False)
 
 

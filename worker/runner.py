@@ -39,6 +39,7 @@ from worker.job import (
     run_job,
     send_rejection,
 )
+from worker.observe import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class RunnerStats(msgspec.Struct, frozen=True):
     naks: int
     cancelled: int
     listener_gone: int
+    tokens_in: int = 0
+    drain_cancelled: int = 0
 
 
 class RunnerSettings(msgspec.Struct, frozen=True):
@@ -116,8 +119,10 @@ class ModelRunner:
         worker_id: str,
         settings: RunnerSettings | None = None,
         bodies: BodyStore | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._bodies = bodies
+        self._metrics = metrics
         self.model_id = model_id
         self.engine = engine
         self.max_concurrency = max_concurrency
@@ -141,6 +146,8 @@ class ModelRunner:
         self._completed = 0
         self._failed = 0
         self._tokens_out = 0
+        self._tokens_in = 0
+        self._drain_cancelled = 0
         self._peak = 0
         self._expired = 0
         self._naks = 0
@@ -173,6 +180,8 @@ class ModelRunner:
             naks=self._naks,
             cancelled=self._cancelled,
             listener_gone=self._listener_gone,
+            tokens_in=self._tokens_in,
+            drain_cancelled=self._drain_cancelled,
         )
 
     async def _on_msg(self, msg: Any) -> None:
@@ -246,6 +255,7 @@ class ModelRunner:
                 if res.ok:
                     self._completed += 1
                     self._tokens_out += res.tokens_out
+                    self._tokens_in += res.tokens_in
                 else:
                     self._failed += 1
                 self._maybe_stopped()
@@ -283,6 +293,8 @@ class ModelRunner:
             del self._pulls[pid]
         if self._drain_deadline is not None and now > self._drain_deadline:
             for task, _ in self._jobs.values():
+                if not task.cancelling():
+                    self._drain_cancelled += 1
                 task.cancel()
 
     def _maybe_stopped(self) -> None:
@@ -341,7 +353,13 @@ class ModelRunner:
         token = f"nr{next(self._tokens)}"
         watch = f"{self._pull_prefix}.{token}"
         handle = JobHandle(self._nc, spec, ack_subject, watch, self._bodies)
-        job = run_job(handle, engine=self.engine, worker=self.worker_id, model=self.model_id)
+        job = run_job(
+            handle,
+            engine=self.engine,
+            worker=self.worker_id,
+            model=self.model_id,
+            metrics=self._metrics,
+        )
         assert self._tg is not None
         task = self._tg.create_task(job)
         self._jobs[spec.request_id] = (task, handle)
