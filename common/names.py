@@ -23,6 +23,21 @@ DISCOVER_SUBJECT = f"{SUBJECT_ROOT}.discover"
 CONTROL_PREFIX = f"{SUBJECT_ROOT}.ctl."
 CONSUMER_PREFIX = "llmfleet-"
 INBOX_ROOT = "_LLMFLEET"
+ADMIN_INBOX_PREFIX = f"{INBOX_ROOT}.admin"
+"""Inbox prefix of operator tools (`llmfleet status`, `llmfleet drain`)."""
+
+
+def gateway_inbox_prefix(gateway_id: str) -> str:
+    """nats-py inbox prefix of a gateway (JetStream answers, PubAcks, pongs): under its reply
+    root `_LLMFLEET.gw.<id>` but two tokens deep, so its one-token reply subjects never
+    collide with it, and a role allowed `_LLMFLEET.gw.>` needs no `_INBOX.>`."""
+    return f"{INBOX_ROOT}.gw.{gateway_id}.i"
+
+
+def worker_inbox_prefix(worker_id: str) -> str:
+    """nats-py inbox prefix of a worker (JetStream answers, body reads). Its own root
+    `_LLMFLEET.wi`, apart from the pull inboxes `_LLMFLEET.w.<worker>.<model>.<n>`."""
+    return f"{INBOX_ROOT}.wi.{worker_id}"
 
 _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 _ESCAPED = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")

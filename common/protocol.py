@@ -155,10 +155,6 @@ class Cancel(msgspec.Struct, tag="cancel", tag_field="type"):
     request_id: str
 
 
-class DrainCommand(msgspec.Struct, tag="drain", tag_field="type"):
-    """Sent to `llmfleet.ctl.<worker>`: stop taking work, finish what runs, exit."""
-
-
 class Ping(msgspec.Struct, tag="ping", tag_field="type"):
     """A request to `llmfleet.ctl.<worker>`; a live worker answers `{"type":"pong"}`.
 
@@ -168,7 +164,10 @@ class Ping(msgspec.Struct, tag="ping", tag_field="type"):
 
 PONG = b'{"type":"pong"}'
 
-Control = Cancel | DrainCommand | Ping
+Control = Cancel | Ping
+"""Drain is not a control message: it is a request to `llmfleet.ctl.<worker>.drain` (the
+worker's micro-service endpoint), a subject of its own so that permissions can let
+producers cancel and ping without letting them drain workers."""
 _control_decoder: msgspec.json.Decoder[Control] = msgspec.json.Decoder(Control)
 
 

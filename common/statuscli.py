@@ -120,6 +120,7 @@ async def connected(url: str, timeout: float = 5.0) -> AsyncIterator[Any]:
             nats.connect(
                 urls,
                 name="llmfleet-cli",
+                inbox_prefix=names.ADMIN_INBOX_PREFIX,
                 connect_timeout=2,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,

@@ -88,6 +88,7 @@ class Gateway:
         nc = await connect(
             s.nats_url,
             name=f"llmfleet-gateway-{self.gateway_id}",
+            inbox_prefix=names.gateway_inbox_prefix(self.gateway_id),
             on_reconnect=on_reconnect,
             on_disconnect=on_disconnect,
         )

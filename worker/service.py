@@ -161,8 +161,6 @@ class Worker:
             case p.Cancel(request_id=rid):
                 for r in self.runners:
                     r.cancel(rid)
-            case p.DrainCommand():
-                self.request_drain()
             case p.Ping():
                 if msg.reply:
                     await msg.respond(p.PONG)
@@ -186,7 +184,10 @@ class Worker:
             await self._announce()
 
         nc = await connect(
-            s.nats_url, name=f"llmfleet-worker-{self.worker_id}", on_reconnect=on_reconnect
+            s.nats_url,
+            name=f"llmfleet-worker-{self.worker_id}",
+            inbox_prefix=names.worker_inbox_prefix(self.worker_id),
+            on_reconnect=on_reconnect,
         )
         self._nc = nc
         try:

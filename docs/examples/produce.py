@@ -2,7 +2,12 @@
 imports) and print its reply stream until the terminal message.
 
     pip install nats-py
-    python docs/examples/produce.py [--nats nats://127.0.0.1:4222] [--model sim-model] [TEXT]
+    python docs/examples/produce.py [--nats nats://127.0.0.1:4222] [--model sim-model]
+        [--name demo] [TEXT]
+
+With the accounts of deploy/nats/accounts.conf, log in as a batch producer and use its
+name: `--nats nats://batch-etl:<password>@host:4222 --name etl`. The producer's inbox
+prefix and reply subjects are under `_LLMFLEET.batch.<name>`, the only prefix it may read.
 
 It follows the reader's rules of docs/protocol.md: skip unknown message types, check `seq`
 (and `heartbeat.last_seq`), accept a second `accepted` before any content (a redelivery),
@@ -48,11 +53,16 @@ async def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nats", default="nats://127.0.0.1:4222")
     ap.add_argument("--model", default="sim-model")
+    ap.add_argument("--name", default="demo", help="producer name: inbox _LLMFLEET.batch.<name>")
     ap.add_argument("--queue-wait", type=float, default=600.0, help="seconds to wait in the queue")
     ap.add_argument("text", nargs="?", default="Hello")
     args = ap.parse_args()
 
-    nc = await nats.connect(args.nats)
+    # Our own inbox prefix: PubAcks and pongs arrive under the prefix our permissions allow.
+    servers = args.nats.split(",")  # one URL, or every node of a cluster
+    nc = await nats.connect(
+        servers, name=f"produce-{args.name}", inbox_prefix=f"_LLMFLEET.batch.{args.name}"
+    )
     try:
         return await produce(nc, args)
     finally:
@@ -65,7 +75,7 @@ async def produce(nc: nats.NATS, args: argparse.Namespace) -> int:
     # 1. Subscribe to a reply subject of our own BEFORE publishing the request, and stay
     #    subscribed until the terminal message (unsubscribing early cancels the request).
     request_id = uuid.uuid4().hex
-    reply_subject = f"_INBOX.produce.{request_id}"
+    reply_subject = f"_LLMFLEET.batch.{args.name}.r.{request_id}"
     sub = await nc.subscribe(reply_subject)
     await nc.flush()
 

@@ -153,7 +153,9 @@ def test_three_node_cluster_forms_with_the_deployed_settings(hub: Hub) -> None:
 
 
 async def test_request_stream_is_replicated_on_three_nodes(roles: Roles, hub: Hub) -> None:
-    nc, errors = await _connect(hub.url("admin"), "admin-check")
+    nc, errors = await _connect(
+        hub.url("admin"), "admin-check", inbox_prefix=names.ADMIN_INBOX_PREFIX
+    )
     try:
         info = await nc.jetstream().stream_info(names.REQUEST_STREAM)
     finally:
@@ -258,6 +260,13 @@ async def test_batch_producer_publishes_and_reads_its_own_prefix(roles: Roles, h
             kinds.append(json.loads((await sub.next_msg(timeout=10)).data)["type"])
         assert kinds[0] == "accepted" and kinds[-1] == "done"
         assert kinds.count("delta") >= 1
+        # It may ping a worker (answered on its own inbox, under allow_responses for a
+        # hub worker and the leaf's explicit _LLMFLEET.batch.> right) and send cancels.
+        for worker in ("hub-w", "leaf-w"):
+            pong = await nc.request(names.control_subject(worker), b'{"type":"ping"}', timeout=2)
+            assert json.loads(pong.data)["type"] == "pong"
+        await nc.publish(names.control_subject("hub-w"), b'{"type":"cancel","request_id":"x"}')
+        await nc.flush()
     finally:
         await nc.close()
     assert errors == []
@@ -280,8 +289,8 @@ async def test_batch_producer_denials(roles: Roles, hub: Hub) -> None:
         spy_gw = await etl.subscribe("_LLMFLEET.gw.>")
         spy_evals = await etl.subscribe("_LLMFLEET.batch.evals.>")
         spy_inbox = await etl.subscribe("_INBOX.>")
-        await etl.publish("llmfleet.ctl.hub-w", b'{"type":"drain"}')
-        await etl.publish("llmfleet.ctl.x", b"{}")
+        spy_admin = await etl.subscribe("_LLMFLEET.admin.>")
+        await etl.publish(names.service_subject("hub-w", "drain"), b"")
         await etl.publish("llmfleet.hb.fake", b"{}")
         await etl.flush()
         await _expect_errors(
@@ -289,8 +298,8 @@ async def test_batch_producer_denials(roles: Roles, hub: Hub) -> None:
             'subscription to "_llmfleet.gw.>"',
             'subscription to "_llmfleet.batch.evals.>"',
             'subscription to "_inbox.>"',
-            'publish to "llmfleet.ctl.hub-w"',
-            'publish to "llmfleet.ctl.x"',
+            'subscription to "_llmfleet.admin.>"',
+            'publish to "llmfleet.ctl.hub-w.drain"',
             'publish to "llmfleet.hb.fake"',
         )
         # Control: the legitimate readers of those prefixes get what a worker publishes
@@ -304,7 +313,7 @@ async def test_batch_producer_denials(roles: Roles, hub: Hub) -> None:
         await worker_nc.flush()
         assert (await gw_sub.next_msg(timeout=2)).data == b"to-gateway"
         assert (await evals_sub.next_msg(timeout=2)).data == b"to-evals"
-        for spy in (spy_gw, spy_evals, spy_inbox):
+        for spy in (spy_gw, spy_evals, spy_inbox, spy_admin):
             with pytest.raises(nats.errors.TimeoutError):
                 await spy.next_msg(timeout=0.3)
         # Nor may a producer touch the stream itself.
@@ -319,13 +328,19 @@ async def test_batch_producer_denials(roles: Roles, hub: Hub) -> None:
 
 
 async def test_worker_and_gateway_denials(roles: Roles, hub: Hub) -> None:
-    w, w_errors = await _connect(hub.url("worker"), "worker-denied")
-    g, g_errors = await _connect(hub.url("gateway"), "gateway-denied")
+    w, w_errors = await _connect(
+        hub.url("worker"), "worker-denied", inbox_prefix=names.worker_inbox_prefix("w-denied")
+    )
+    g, g_errors = await _connect(
+        hub.url("gateway"), "gateway-denied", inbox_prefix=names.gateway_inbox_prefix("g-denied")
+    )
     try:
         await w.publish("llmfleet.req.sim-model", b"{}")
         await w.subscribe("llmfleet.req.>")
         await w.subscribe("_LLMFLEET.gw.>")
         await w.subscribe("_LLMFLEET.batch.>")
+        await w.subscribe("_INBOX.>")  # nobody's answers: each role has its own prefix
+        await w.subscribe("_LLMFLEET.admin.>")
         await w.flush()
         await _expect_errors(
             w_errors,
@@ -333,16 +348,20 @@ async def test_worker_and_gateway_denials(roles: Roles, hub: Hub) -> None:
             'subscription to "llmfleet.req.>"',
             'subscription to "_llmfleet.gw.>"',
             'subscription to "_llmfleet.batch.>"',
+            'subscription to "_inbox.>"',
+            'subscription to "_llmfleet.admin.>"',
         )
         await g.publish("llmfleet.hb.fake", b"{}")
         await g.publish(names.service_subject("hub-w", "drain"), b"")
         await g.subscribe("_LLMFLEET.batch.>")
+        await g.subscribe("_INBOX.>")
         await g.flush()
         await _expect_errors(
             g_errors,
             'publish to "llmfleet.hb.fake"',
             'publish to "llmfleet.ctl.hub-w.drain"',
             'subscription to "_llmfleet.batch.>"',
+            'subscription to "_inbox.>"',
         )
     finally:
         await w.close()
@@ -354,7 +373,7 @@ async def test_worker_and_gateway_denials(roles: Roles, hub: Hub) -> None:
 
 
 async def test_admin_reads_queues_and_services(roles: Roles, hub: Hub) -> None:
-    nc, errors = await _connect(hub.url("admin"), "admin-ok")
+    nc, errors = await _connect(hub.url("admin"), "admin-ok", inbox_prefix=names.ADMIN_INBOX_PREFIX)
     try:
         info = await nc.jetstream().consumer_info(
             names.REQUEST_STREAM, names.consumer_name("sim-model")
@@ -409,3 +428,19 @@ def test_status_and_drain_cli_with_admin_credentials(roles: Roles, hub: Hub) -> 
     assert roles.leaf_worker.popen.returncode == 0
     # By now the gateway has polled the queues for /metrics too (--queue-poll 5 s).
     assert _role_violations(hub, "llmfleet-cli", "llmfleet-worker-", "llmfleet-gateway-") == []
+
+
+def test_documented_producer_example_runs_as_a_batch_producer(roles: Roles, hub: Hub) -> None:
+    """docs/examples/produce.py, logged in as `batch-etl`: no permission it lacks."""
+    example = Path(__file__).parents[2] / "docs" / "examples" / "produce.py"
+    r = subprocess.run(
+        [sys.executable, str(example), "--nats", hub.url("batch-etl"), "--name", "etl", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    kinds = [json.loads(line)["type"] for line in r.stdout.splitlines() if line.startswith("{")]
+    assert kinds[0] == "accepted" and kinds[-1] == "done", r.stdout
+    assert _role_violations(hub, "produce-etl") == []
