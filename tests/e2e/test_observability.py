@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -370,3 +372,35 @@ async def test_a_request_without_traceparent_starts_a_new_trace(
     assert server.context is not None
     assert {s.context.trace_id for s in done if s.context is not None} == {server.context.trace_id}
     assert any(s.name == f"embeddings {SPAN}" and s.kind is SpanKind.INTERNAL for s in done)
+
+
+def test_documented_queries_and_alerts_name_real_metrics(obs: tuple[Gateway, int]) -> None:
+    """Every metric or label named in the PromQL of docs/operations.md (alerts) and
+    docs/observability.md (queries) is exported by a real gateway or worker."""
+    gw, mport = obs
+    with httpx.Client() as c:  # traffic, so that every labelled series exists
+        r = c.post(
+            gw.base_url + "/chat/completions",
+            json=chat(OBS),
+            headers={"authorization": f"Bearer {KEY}"},
+        )
+        assert r.status_code == 200, r.text
+    names: set[str] = set()
+    labels: set[str] = set()
+
+    def collect() -> bool:
+        for url in (gw.url + "/metrics", f"http://127.0.0.1:{mport}/metrics"):
+            for n, ls in scrape(url):
+                names.add(n)
+                labels.update(k for k, _ in ls)
+        return "llmfleet_queue_oldest_wait_seconds" in names  # after the first queue poll
+
+    eventually(collect, timeout=15)
+    docs = Path(__file__).parents[2] / "docs"
+    blocks = []
+    for doc in ("operations.md", "observability.md"):
+        blocks += re.findall(r"```(?:promql|yaml)\n(.*?)```", (docs / doc).read_text(), re.S)
+    used = set(re.findall(r"\b(?:llmfleet|gen_ai|http|error)_[a-z_]+\b", "\n".join(blocks)))
+    assert len(used) >= 10, used
+    unknown = sorted(u for u in used if u not in names and u not in labels)
+    assert unknown == [], f"named in the docs but not exported: {unknown}"
