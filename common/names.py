@@ -39,6 +39,7 @@ def worker_inbox_prefix(worker_id: str) -> str:
     `_LLMFLEET.wi`, apart from the pull inboxes `_LLMFLEET.w.<worker>.<model>.<n>`."""
     return f"{INBOX_ROOT}.wi.{worker_id}"
 
+
 _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 _ESCAPED = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")
 

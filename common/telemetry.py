@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import time
@@ -78,6 +79,14 @@ QUEUE_BUCKETS = (
 TOKEN_BUCKETS = (
     1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
 )  # fmt: skip
+
+UPSTREAM_TRACEPARENT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "llmfleet_upstream_traceparent", default=None
+)
+"""The W3C `traceparent` an engine sends to its upstream server (vLLM, SGLang ... join the
+trace when they trace): the engine span's when tracing is on, else the request's own. Set by
+the job task before it calls the engine (worker/job.py), so it is per request; a context
+variable because engines take no per-request context otherwise."""
 
 _OVERFLOW = (("otel.metric.overflow", True),)
 _EXPORT_TIMEOUT_S = 3.0

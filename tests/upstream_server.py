@@ -57,6 +57,7 @@ class Stats(msgspec.Struct):
     open_streams: int = 0
     aborted: int = 0
     requests: int = 0
+    traceparents: list[str] = msgspec.field(default_factory=list)  # last 100 received
 
 
 class HttpError(Exception):
@@ -121,6 +122,9 @@ class App:
                 return
             if method == "POST":  # inference requests only, not readiness probes
                 self.stats.requests += 1
+                for k, v in scope["headers"]:
+                    if k == b"traceparent":
+                        self.stats.traceparents = [*self.stats.traceparents[-99:], v.decode()]
             self._check_auth(scope)
             routes: dict[str, tuple[str, Callable[[Any, Receive, Send], Awaitable[None]]]] = {
                 "/v1/models": ("GET", self._models),

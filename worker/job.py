@@ -32,6 +32,7 @@ from common.openai_types import (
     decode_error_message,
     prompt_texts,
 )
+from common.telemetry import UPSTREAM_TRACEPARENT
 from worker.decide import coalesce
 from worker.engine import Engine, EngineEvent, Output
 from worker.observe import JobObserver, WorkerMetrics
@@ -313,8 +314,11 @@ async def run_job(
         async with asyncio.timeout_at(timeout_at):
             if spec.body_ref is not None:
                 spec = await _load_body(handle)
+            upstream_tp = spec.traceparent
             if obs is not None:
                 obs.engine_started()
+                upstream_tp = obs.upstream_traceparent() or upstream_tp
+            UPSTREAM_TRACEPARENT.set(upstream_tp)  # this job's task only
             usage = await _execute(spec, engine, out, first)
         await _forget_body(handle)
         await out.send(p.Done(seq=out.next_seq(), usage=usage))

@@ -112,6 +112,12 @@ class JobObserver:
             },
         )
 
+    def upstream_traceparent(self) -> str | None:
+        """The engine span as a `traceparent` (None when not tracing)."""
+        if self._engine_span is None:
+            return None
+        return self._m.tel.traceparent(self._engine_span)
+
     def finish(
         self, outcome: str, first_output_at: float | None, usage: Usage | None, error: str | None
     ) -> None:

@@ -47,6 +47,7 @@ from common.errors import (
 from common.httppool import ShardedClient
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.protocol import ChoiceDelta, Usage
+from common.telemetry import UPSTREAM_TRACEPARENT
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
 
 log = logging.getLogger(__name__)
@@ -377,7 +378,9 @@ class OpenAIEngine:
         body = self._rewrite(raw, stream=False)
         with self._translate():
             resp = await client.post(
-                "/embeddings", content=body, headers={"Content-Type": "application/json"}
+                "/embeddings",
+                content=body,
+                headers=_trace_headers({"Content-Type": "application/json"}),
             )
             await self._raise_for_status(resp)
         try:
@@ -458,7 +461,9 @@ class OpenAIEngine:
                 "POST",
                 path,
                 content=body,
-                headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+                headers=_trace_headers(
+                    {"Content-Type": "application/json", "Accept": "text/event-stream"}
+                ),
                 timeout=self._stream_timeout,
             ) as resp:
                 await self._raise_for_status(resp)
@@ -526,3 +531,11 @@ class _StreamState:
             prompt_tokens_details=u.prompt_tokens_details or UNSET,
             completion_tokens_details=u.completion_tokens_details or UNSET,
         )
+
+
+def _trace_headers(headers: dict[str, str]) -> dict[str, str]:
+    """`headers` plus this request's `traceparent`, if it has one (common.telemetry)."""
+    tp = UPSTREAM_TRACEPARENT.get()
+    if tp:
+        headers["traceparent"] = tp
+    return headers

@@ -24,12 +24,16 @@ from common.telemetry import Telemetry
 from gateway.server import Gateway as GatewayService
 from gateway.server import GatewaySettings
 from tests.procs import Fleet, Gateway, Proc
+from tests.upstream_server import RunningServer, ServerSettings
+from worker.openai_engine import OpenAIEngine, OpenAISettings
 from worker.service import ServedModel, Worker, WorkerSettings
 from worker.sim import SimEngine, SimSettings
 
 OBS = "obs-model"
 IDLE = "idle-model"
 SPAN = "span-model"
+PROXIED = "proxied-model"  # served by the openai engine, to the test upstream
+TRACED_UPSTREAM: list[RunningServer] = []
 KEY = "obs-secret"
 PROMPT = "PROMPT-TEXT-MUST-NOT-BE-LOGGED"
 
@@ -265,11 +269,18 @@ def test_json_logs_have_fields_and_an_access_line_without_text(fleet: Fleet) -> 
 async def traced(nats_url: str) -> AsyncIterator[tuple[str, InMemorySpanExporter]]:
     exporter = InMemorySpanExporter()
     tel = Telemetry(service_name="test", span_processors=[SimpleSpanProcessor(exporter)])
+    upstream = RunningServer(ServerSettings(ttft_ms=1, itl_ms=1))
+    await upstream.start()
+    proxied = OpenAIEngine(OpenAISettings(base_url=upstream.base_url, served_model=PROXIED))
     worker = Worker(
         WorkerSettings(nats_url=nats_url, worker_id="span-worker"),
-        [ServedModel(SPAN, SimEngine(SimSettings(ttft_ms=1, itl_ms=1, tokens=4)), 2)],
+        [
+            ServedModel(SPAN, SimEngine(SimSettings(ttft_ms=1, itl_ms=1, tokens=4)), 2),
+            ServedModel(PROXIED, proxied, 2),
+        ],
         telemetry=tel,
     )
+    TRACED_UPSTREAM.append(upstream)
     gw = GatewayService(GatewaySettings(nats_url=nats_url, port=0), telemetry=tel)
     loop = asyncio.get_running_loop()
     w_ready: asyncio.Future[None] = loop.create_future()
@@ -292,6 +303,8 @@ async def traced(nats_url: str) -> AsyncIterator[tuple[str, InMemorySpanExporter
         await g_task
         await w_task
         tel.shutdown()
+        await upstream.stop()
+        TRACED_UPSTREAM.clear()
 
 
 async def _trace(exporter: InMemorySpanExporter, trace_id: int) -> dict[str, ReadableSpan]:
@@ -351,6 +364,28 @@ async def test_one_trace_spans_gateway_queue_worker_and_engine(
     assert dict(engine.attributes or {})["gen_ai.usage.output_tokens"] == 3
     assert dict(process.attributes or {})["llmfleet.worker"] == "span-worker"
     assert dict(queue.attributes or {})["llmfleet.worker"] == "span-worker"
+
+
+async def test_the_upstream_server_gets_the_engine_spans_traceparent(
+    traced: tuple[str, InMemorySpanExporter],
+) -> None:
+    """An openai-engine request carries the trace to the upstream (vLLM joins it when it
+    traces): its `traceparent` names the worker's engine span as the parent."""
+    base, exporter = traced
+    trace_id = 0x0AF7651916CD43DD8448EB211C80319C
+    traceparent = f"00-{trace_id:032x}-{0xB7AD6B7169203331:016x}-01"
+    async with httpx.AsyncClient(timeout=30.0) as c:
+        r = await c.post(
+            f"{base}/chat/completions",
+            json=chat(PROXIED, stream=True, max_tokens=3),
+            headers={"traceparent": traceparent},
+        )
+    assert r.status_code == 200, r.text
+    spans = await _trace(exporter, trace_id)
+    engine = spans["CLIENT"]  # the openai engine's span is a CLIENT span
+    assert engine.context is not None
+    sent = TRACED_UPSTREAM[0].app.stats.traceparents[-1]
+    assert sent == f"00-{trace_id:032x}-{engine.context.span_id:016x}-01"
 
 
 async def test_a_request_without_traceparent_starts_a_new_trace(

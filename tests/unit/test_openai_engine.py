@@ -18,6 +18,7 @@ import pytest_asyncio
 from common.errors import EngineError, ServiceUnavailable, UpstreamError
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.protocol import Usage
+from common.telemetry import UPSTREAM_TRACEPARENT
 from tests.upstream_server import RunningServer, ServerSettings
 from worker.engine import EngineEvent, Output
 from worker.openai_engine import (
@@ -419,3 +420,27 @@ def test_upstream_error_shapes() -> None:
     limited = upstream_error(429, b'{"error":{"message":"slow down"}}', retry_after=2.0)
     assert (limited.status, limited.retry_after) == (429, 2.0)
     assert isinstance(upstream_error(401, b"{}"), UpstreamError)
+
+
+# ---- trace context ---------------------------------------------------------------------------
+
+
+async def test_the_request_traceparent_goes_upstream(
+    engine: OpenAIEngine, upstream: RunningServer
+) -> None:
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async def run(value: str | None) -> None:  # a job task of its own, as on the worker
+        UPSTREAM_TRACEPARENT.set(value)
+        req, raw = chat_body()
+        await collect(engine.chat(req, raw))
+        ereq, eraw = embedding_body()
+        await engine.embed(ereq, eraw)
+
+    before = upstream.app.stats.requests
+    await asyncio.create_task(run(tp))
+    assert upstream.app.stats.traceparents[-2:] == [tp, tp]
+    seen = len(upstream.app.stats.traceparents)
+    await asyncio.create_task(run(None))  # no trace context: no header
+    assert upstream.app.stats.requests == before + 4
+    assert len(upstream.app.stats.traceparents) == seen
