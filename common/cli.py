@@ -95,14 +95,7 @@ def _nats_args(p: argparse.ArgumentParser) -> None:
 
 def _gateway_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     if with_nats:
-        add(
-            p,
-            "--nats",
-            DEFAULT_NATS_URL,
-            "NATS server URL(s), comma separated",
-            env="LLMFLEET_NATS_URL",
-            dest="nats_url",
-        )
+        _nats_url_arg(p)
     add(p, "--host", "127.0.0.1", "HTTP listen address")
     add(p, "--port", 8080, "HTTP port", int)
     add(p, "--api-key", "", "require this bearer token from clients (empty: no auth)")
@@ -146,14 +139,7 @@ def _otlp_arg(p: argparse.ArgumentParser) -> None:
 
 def _worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     if with_nats:
-        add(
-            p,
-            "--nats",
-            DEFAULT_NATS_URL,
-            "NATS server URL(s), comma separated",
-            env="LLMFLEET_NATS_URL",
-            dest="nats_url",
-        )
+        _nats_url_arg(p)
     add(
         p,
         "--engine",
@@ -222,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     return top
 
 
-def _cli_nats_arg(p: argparse.ArgumentParser) -> None:
+def _nats_url_arg(p: argparse.ArgumentParser) -> None:
     add(
         p,
         "--nats",
@@ -234,7 +220,7 @@ def _cli_nats_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _status_args(p: argparse.ArgumentParser) -> None:
-    _cli_nats_arg(p)
+    _nats_url_arg(p)
     p.add_argument("--watch", "-w", action="store_true", help="refresh until Ctrl-C")
     p.add_argument("--json", action="store_true", help="print JSON (one document per refresh)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
@@ -244,7 +230,7 @@ def _status_args(p: argparse.ArgumentParser) -> None:
 
 
 def _drain_args(p: argparse.ArgumentParser) -> None:
-    _cli_nats_arg(p)
+    _nats_url_arg(p)
     p.add_argument("worker", help="worker id, or a unique prefix of one (see `llmfleet status`)")
     p.add_argument("--wait", action="store_true", help="follow the worker until it has left")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits at most")

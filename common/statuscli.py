@@ -146,23 +146,21 @@ def _rate(x: float) -> str:
     return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
 
 
+def _table(title: str, columns: str, left: set[str]) -> Table:
+    """A table with these columns (`-` in a name is a space); numbers align right."""
+    table = Table(title=title, title_justify="left")
+    for col in columns.split():
+        table.add_column(col.replace("-", " "), justify="left" if col in left else "right")
+    return table
+
+
 def render(view: FleetView, title: str = "") -> Group:
     """The two tables: models, then workers."""
-    mt = Table(title=title or "models", title_justify="left", expand=False)
-    for col, just in [
-        ("model", "left"),
-        ("status", "left"),
-        ("workers", "right"),
-        ("slots", "right"),
-        ("queued", "right"),
-        ("oldest wait", "right"),
-        ("starting", "right"),
-        ("req/s", "right"),
-        ("tok/s", "right"),
-        ("done", "right"),
-        ("errors", "right"),
-    ]:
-        mt.add_column(col, justify=just)  # type: ignore[arg-type]
+    mt = _table(
+        title or "models",
+        "model status workers slots queued oldest-wait starting req/s tok/s done errors",
+        left={"model", "status"},
+    )
     for m in view.models:
         mt.add_row(
             m.model,
@@ -177,21 +175,11 @@ def render(view: FleetView, title: str = "") -> Group:
             f"{m.completed:,}",
             Text(f"{m.errors:,}", style="red" if m.errors else ""),
         )
-    wt = Table(title="workers", title_justify="left")
-    for col, just in [
-        ("worker", "left"),
-        ("host", "left"),
-        ("state", "left"),
-        ("engine", "left"),
-        ("models", "left"),
-        ("load", "right"),
-        ("tok/s", "right"),
-        ("errors", "right"),
-        ("version", "left"),
-        ("uptime", "right"),
-        ("last seen", "right"),
-    ]:
-        wt.add_column(col, justify=just)  # type: ignore[arg-type]
+    wt = _table(
+        "workers",
+        "worker host state engine models load tok/s errors version uptime last-seen",
+        left={"worker", "host", "state", "engine", "models", "version"},
+    )
     for w in view.workers:
         wt.add_row(
             w.worker,

@@ -202,30 +202,30 @@ class _FastHistograms:
         return MetricsData(resource_metrics=[merged, *rest])
 
 
-class _PrometheusReader(PrometheusMetricReader):
+class _MergesFastHistograms(MetricReader):
+    """A reader that adds the `FastHistogram`s to every collection it receives."""
+
+    _fast: _FastHistograms
+
+    def _receive_metrics(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> None:
+        merged = self._fast.merge(metrics_data)
+        if merged is not None:
+            # The next class in the MRO is the concrete reader (Prometheus or periodic).
+            super()._receive_metrics(merged, timeout_millis, **kwargs)  # type: ignore[safe-super]
+
+
+class _PrometheusReader(_MergesFastHistograms, PrometheusMetricReader):
     def __init__(self, fast: _FastHistograms, registry: CollectorRegistry) -> None:
         super().__init__(registry=registry, scope_info_enabled=False)
         self._fast = fast
 
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        merged = self._fast.merge(metrics_data)
-        if merged is not None:
-            super()._receive_metrics(merged, timeout_millis, **kwargs)
 
-
-class _PeriodicReader(PeriodicExportingMetricReader):
+class _PeriodicReader(_MergesFastHistograms, PeriodicExportingMetricReader):
     def __init__(self, fast: _FastHistograms, exporter: MetricExporter) -> None:
         super().__init__(exporter)
         self._fast = fast
-
-    def _receive_metrics(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> None:
-        merged = self._fast.merge(metrics_data)
-        if merged is not None:
-            super()._receive_metrics(merged, timeout_millis, **kwargs)
 
 
 def otlp_endpoint_from_env(flag_value: str) -> str:
