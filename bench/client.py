@@ -189,6 +189,7 @@ async def overload_run(url: str, model: str, rate: float, seconds: float) -> dic
     body = json.dumps(_chat_body(model, 4, False)).encode()
     outcomes: dict[str, int] = {"completed": 0, "rejected": 0, "failed": 0}
     waits: list[float] = []
+    why: dict[str, int] = {}  # failures by status code or exception name
     tasks = []
     headers = {**_auth(), "content-type": "application/json"}
     async with ShardedClient(4096, timeout=120, headers=headers) as pool:
@@ -197,8 +198,9 @@ async def overload_run(url: str, model: str, rate: float, seconds: float) -> dic
             t = time.perf_counter()
             try:
                 r = await pool.client().post(url + "/chat/completions", content=body)
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 outcomes["failed"] += 1
+                why[type(exc).__name__] = why.get(type(exc).__name__, 0) + 1
                 return
             if r.status_code == 200:
                 outcomes["completed"] += 1
@@ -207,6 +209,8 @@ async def overload_run(url: str, model: str, rate: float, seconds: float) -> dic
                 outcomes["rejected"] += 1
             else:
                 outcomes["failed"] += 1
+                key = f"{r.status_code} {r.text[:120]}"
+                why[key] = why.get(key, 0) + 1
 
         t0 = time.perf_counter()
         n = int(rate * seconds)
@@ -224,4 +228,5 @@ async def overload_run(url: str, model: str, rate: float, seconds: float) -> dic
         "lost": sent - accounted,
         "latency_p50_s": pct(waits, 50),
         "latency_p99_s": pct(waits, 99),
+        "failures": why,  # type: ignore[dict-item]
     }
