@@ -476,6 +476,8 @@ async def _dev(gw: Any, workers: list[Any], args: argparse.Namespace, nats_url: 
             f"  try:      curl {base}/chat/completions -H 'Content-Type: application/json' \\\n"
             f'              -d \'{{"model": "{model}", "messages": '
             f'[{{"role": "user", "content": "Hello"}}], "stream": true}}\'\n'
+            f"  fleet:    llmfleet status --nats {nats_url} --watch\n"
+            f"  metrics:  http://{args.host}:{gw.port}/metrics\n"
             f"  Ctrl-C stops everything.\n",
             file=sys.stderr,
             flush=True,
