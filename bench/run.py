@@ -252,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--litellm", default=str(Path(sys.executable).parent / "litellm"))
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--big", action="store_true", help="capacity up to 2000 streams")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument(
+        "--out",
+        default=str(ROOT / "bench" / "results"),
+        help="results directory; only the default one also rewrites docs/benchmarks-results.md",
+    )
     ap.add_argument(
         "--merge", action="store_true", help="update only these phases in the latest results"
     )
@@ -312,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         results = merged
     (out / name).write_text(json.dumps(results, indent=2))
     log(f"wrote {out / name}")
-    if not args.smoke:
+    # The published tables and plots come from the default results only: a run with its
+    # own --out (an A/B comparison, say) leaves docs/ alone.
+    if not args.smoke and out.resolve() == (ROOT / "bench" / "results").resolve():
         from bench.report import write_report  # noqa: PLC0415
 
         write_report(results, ROOT / "docs")
