@@ -9,6 +9,7 @@ is one subject token, a valid JetStream stream/consumer name part and a valid KV
 
 from __future__ import annotations
 
+import functools
 import re
 
 MAX_MODEL_ID_BYTES = 200
@@ -44,8 +45,12 @@ _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 _ESCAPED = re.compile(r"^(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+$")
 
 
+@functools.lru_cache(maxsize=4096)
 def escape_model(model_id: str) -> str:
-    """Return the one-token form of `model_id`; raises ValueError if empty or too long."""
+    """Return the one-token form of `model_id`; raises ValueError if empty or too long.
+
+    Cached (bounded): the gateway escapes the model of every request it publishes, and a
+    fleet serves few models."""
     raw = model_id.encode("utf-8")
     if not raw:
         raise ValueError("model id is empty")
