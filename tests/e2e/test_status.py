@@ -243,3 +243,41 @@ async def test_drain_lets_the_running_stream_finish_and_the_worker_exit(
 def test_status_view_round_trips_as_json() -> None:
     view = FleetView(models=[], workers=[], queue_error="x")
     assert msgspec.json.decode(statuscli.to_json(view))["queue_error"] == "x"
+
+
+async def test_drain_grace_ends_a_long_stream_with_a_clear_error(
+    fleet: Fleet, gw: Gateway, nats_url: str
+) -> None:
+    w = fleet.worker(
+        "--worker-id", "gpu-grace", "--model", "st-g", "--drain-grace", "1",
+        "--sim-itl-ms", "200", "--sim-tokens", "200",
+    )  # fmt: skip
+    fleet.wait_ready(gw, ("st-g",))
+    await _until(nats_url, lambda d: _workers(d).get("gpu-grace", {}).get("state") == "ready")
+    got: list[str] = []
+
+    async def stream() -> None:
+        async with openai.AsyncOpenAI(base_url=gw.base_url, api_key="x", max_retries=0) as c:
+            s = await c.chat.completions.create(
+                model="st-g",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=200,
+                stream=True,
+            )
+            async for chunk in s:
+                if chunk.choices:
+                    got.append(chunk.choices[0].delta.content or "")
+
+    running = asyncio.create_task(stream())
+    await _until(nats_url, lambda d: _workers(d).get("gpu-grace", {}).get("slots_used") == 1)
+    loop = asyncio.get_running_loop()
+    drained = await loop.run_in_executor(
+        None, lambda: _cli("drain", "--nats", nats_url, "gpu-grace", "--wait")
+    )
+    assert drained.returncode == 0, drained.stderr
+    # The grace (1 s) ran out long before the 200 tokens (40 s): the stream ends with the
+    # OpenAI-shaped error event, not a silent cut.
+    with pytest.raises(openai.APIError, match="cancelled"):
+        await running
+    assert 0 < len(got) < 200
+    assert w.popen.wait(20) == 0
