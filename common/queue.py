@@ -102,6 +102,22 @@ async def ensure_consumer(js: JetStreamContext, model_id: str, settings: QueueSe
         log.info("created consumer %s", name)
 
 
+async def queued_models(js: JetStreamContext) -> set[str]:
+    """Models with requests in the stream (waiting or being started), whether or not any
+    worker serves them: one JetStream API request (the stream's per-subject counts)."""
+    try:
+        info = await js.stream_info(names.REQUEST_STREAM, subjects_filter=names.REQUEST_SUBJECTS)
+    except NotFoundError:
+        return set()
+    out = set()
+    for subject in info.state.subjects or {}:
+        try:
+            out.add(names.unescape_model(subject[len(names.REQUEST_SUBJECT_PREFIX) :]))
+        except ValueError:
+            continue  # not published by an llmfleet producer: not a model we can name
+    return out
+
+
 class QueueDepth(msgspec.Struct, frozen=True):
     """One model's queue as the broker sees it (from the model's consumer info).
 

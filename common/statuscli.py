@@ -31,7 +31,7 @@ from rich.text import Text
 from common import names
 from common import protocol as p
 from common.fleetview import FleetView, Seen, build_view, duration, resolve_worker
-from common.queue import QueueDepth, queue_depth
+from common.queue import QueueDepth, queue_depth, queued_models
 
 
 class StatusError(Exception):
@@ -78,17 +78,9 @@ class FleetWatcher:
         except (APIError, nats.errors.Error, TimeoutError) as exc:
             return {}, f"queue depths unavailable: {type(exc).__name__} {exc}".strip()
         try:  # models with requests queued, including ones no worker ever served
-            sinfo = await self._js.stream_info(
-                names.REQUEST_STREAM, subjects_filter=names.REQUEST_SUBJECTS
-            )
-            subjects = sinfo.state.subjects or {}
-        except NotFoundError:
-            subjects = {}
+            models |= await queued_models(self._js)
         except (APIError, nats.errors.Error, TimeoutError) as exc:
             return {}, f"queue depths unavailable: {type(exc).__name__} {exc}".strip()
-        for subject in subjects:
-            with contextlib.suppress(ValueError):
-                models.add(names.unescape_model(subject[len(names.REQUEST_SUBJECT_PREFIX) :]))
         for info in infos:
             name = info.name or ""
             if name.startswith(names.CONSUMER_PREFIX):

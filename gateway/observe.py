@@ -22,7 +22,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common.logs import ACCESS_LOGGER
-from common.queue import QueueDepth, queue_depth
+from common.queue import QueueDepth, queue_depth, queued_models
 from common.telemetry import (
     DURATION_BUCKETS,
     QUEUE_BUCKETS,
@@ -43,6 +43,9 @@ STATUS = "http.response.status_code"
 ERROR = "error.type"
 UNKNOWN_MODEL = "_unknown"  # models not in the catalog: clients must not mint label values
 CLIENT_CLOSED = 499  # nginx's "client closed request": no status was sent
+
+
+MAX_ORPHAN_MODELS = 100  # queue gauges for models outside the catalog, at most
 
 
 class RequestRecord:
@@ -293,11 +296,19 @@ class GatewayMetrics:
         return read
 
     async def poll_queues(self, js: Any, models: Callable[[], list[str]], every_s: float) -> None:
-        """Refresh `queue` every `every_s` for the catalog's models (a background task;
-        scrapes only read the last result). Models that left the catalog are dropped."""
+        """Refresh `queue` every `every_s` for the catalog's models and every model with
+        requests in the stream, served or not (a background task; scrapes only read the last
+        result). Models in neither are dropped."""
         while True:
-            wanted = models()
-            for model in wanted:
+            wanted = set(models())
+            try:
+                # Models no worker serves (requests from NATS producers wait for one): a
+                # bounded number, since these names come from whoever may publish.
+                orphans = sorted(await queued_models(js) - wanted)
+                wanted.update(orphans[:MAX_ORPHAN_MODELS])
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                log.debug("queued models: %s", exc)
+            for model in sorted(wanted):
                 try:
                     self.queue[model] = await queue_depth(js, model)
                 except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:

@@ -23,6 +23,7 @@ from common.embedded import free_port
 from common.telemetry import Telemetry
 from gateway.server import Gateway as GatewayService
 from gateway.server import GatewaySettings
+from tests.natshelp import connected, publish_request, request_headers
 from tests.procs import Fleet, Gateway, Proc
 from tests.upstream_server import RunningServer, ServerSettings
 from worker.openai_engine import OpenAIEngine, OpenAISettings
@@ -207,6 +208,31 @@ def test_queue_depth_gauge_shows_requests_no_worker_takes(fleet: Fleet) -> None:
             == 0
         )
     )
+
+
+def test_queue_gauges_cover_models_no_worker_serves(fleet: Fleet, nats_url: str) -> None:
+    """Requests NATS producers queue for a model nobody serves (not in the catalog) still
+    show in the queue gauges, so "waiting with no worker" can be alerted on."""
+    gw = fleet.gateway("--queue-poll", "0.2")
+    orphan = "orphan/metric:1"
+
+    async def publish() -> None:
+        async with connected(nats_url) as nc:
+            js = nc.jetstream()
+            body = json.dumps(chat(orphan)).encode()
+            for _ in range(2):
+                await publish_request(js, orphan, body, request_headers("_INBOX.nobody"))
+
+    asyncio.run(publish())
+    eventually(
+        lambda: (
+            value(scrape(gw.url + "/metrics"), "llmfleet_queue_depth", gen_ai_request_model=orphan)
+            == 2
+        )
+    )
+    g = scrape(gw.url + "/metrics")
+    assert value(g, "llmfleet_queue_oldest_wait_seconds", gen_ai_request_model=orphan) > 0
+    assert value(g, "llmfleet_fleet_workers", gen_ai_request_model=orphan) == 0
 
 
 # ---- JSON logs -------------------------------------------------------------------------
