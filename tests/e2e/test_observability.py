@@ -440,12 +440,11 @@ def test_documented_queries_and_alerts_name_real_metrics(obs: tuple[Gateway, int
     docs/observability.md (queries) is exported by a real gateway or worker."""
     gw, mport = obs
     with httpx.Client() as c:  # traffic, so that every labelled series exists
-        r = c.post(
-            gw.base_url + "/chat/completions",
-            json=chat(OBS),
-            headers={"authorization": f"Bearer {KEY}"},
-        )
+        auth = {"authorization": f"Bearer {KEY}"}
+        r = c.post(gw.base_url + "/chat/completions", json=chat(OBS), headers=auth)
         assert r.status_code == 200, r.text
+        r = c.post(gw.base_url + "/chat/completions", json=chat("no-such-model"), headers=auth)
+        assert r.status_code == 404, r.text  # a series with an error.type
     names: set[str] = set()
     labels: set[str] = set()
 
