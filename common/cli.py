@@ -99,6 +99,7 @@ def _gateway_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(p, "--host", "127.0.0.1", "HTTP listen address")
     add(p, "--port", 8080, "HTTP port", int)
     add(p, "--api-key", "", "require this bearer token from clients (empty: no auth)")
+    add(p, "--gateway-id", "", "gateway id in announcements and subjects (default: random)")
     add(p, "--cors-origins", "", "browser origins allowed to call the API, comma separated or *")
     add(p, "--model-grace", 30.0, "seconds a model stays listed after its last worker left", float)
     p.add_argument(
@@ -304,6 +305,7 @@ def build_gateway(args: argparse.Namespace, nats_url: str) -> Any:
     return Gateway(
         GatewaySettings(
             nats_url=nats_url,
+            gateway_id=getattr(args, "gateway_id", ""),
             queue_poll_s=getattr(args, "queue_poll", 5.0),
             host=args.host,
             port=args.port,
@@ -391,7 +393,10 @@ async def _run_with_signals(
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
-    gw = build_gateway(args, args.nats_url)
+    try:
+        gw = build_gateway(args, args.nats_url)
+    except ValueError as exc:  # a flag the parser could not check (an id, a model path)
+        raise SystemExit(f"llmfleet gateway: {exc}") from None
     try:
         ok = run_async(_run_with_signals(gw.run, gw.request_stop))
     finally:
@@ -401,7 +406,10 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    w = build_worker(args, args.nats_url)
+    try:
+        w = build_worker(args, args.nats_url)
+    except ValueError as exc:
+        raise SystemExit(f"llmfleet worker: {exc}") from None
     try:
         ok = run_async(_run_with_signals(w.run, w.request_drain))
     finally:

@@ -53,10 +53,31 @@ class WorkerRow(msgspec.Struct, frozen=True):
     last_seen_s: float
 
 
+class GatewayRow(msgspec.Struct, frozen=True):
+    gateway: str
+    host: str
+    state: str
+    listen: str
+    version: str
+    uptime_s: float
+    in_flight: int
+    requests: int
+    client_errors: int
+    server_errors: int
+    workers: int  # live workers in its catalog
+    last_seen_s: float
+
+
+class GatewaySeen(msgspec.Struct, frozen=True):
+    announce: p.GatewayAnnounce
+    at: float
+
+
 class FleetView(msgspec.Struct, frozen=True):
     models: list[ModelRow]
     workers: list[WorkerRow]
     queue_error: str = ""  # why queue depths are missing (e.g. no JetStream permission)
+    gateways: list[GatewayRow] = []
 
 
 def live(seen: dict[str, Seen], now: float) -> dict[str, Seen]:
@@ -79,8 +100,38 @@ def model_status(states: list[tuple[str, bool]]) -> str:
     return "unavailable"
 
 
+def gateway_rows(gateways: dict[str, GatewaySeen], now: float) -> list[GatewayRow]:
+    """Live gateways (not stopped, announcement not expired), by host and id."""
+    rows = []
+    for g in sorted(gateways.values(), key=lambda g: (g.announce.host, g.announce.gateway)):
+        a = g.announce
+        if a.state == "stopped" or now - g.at > a.ttl_s:
+            continue
+        rows.append(
+            GatewayRow(
+                gateway=a.gateway,
+                host=a.host,
+                state=a.state,
+                listen=a.listen,
+                version=a.version,
+                uptime_s=a.uptime_s,
+                in_flight=a.in_flight,
+                requests=a.requests,
+                client_errors=a.client_errors,
+                server_errors=a.server_errors,
+                workers=a.workers,
+                last_seen_s=max(0.0, now - g.at),
+            )
+        )
+    return rows
+
+
 def build_view(
-    seen: dict[str, Seen], depths: dict[str, QueueDepth], now: float, queue_error: str = ""
+    seen: dict[str, Seen],
+    depths: dict[str, QueueDepth],
+    now: float,
+    queue_error: str = "",
+    gateways: dict[str, GatewaySeen] | None = None,
 ) -> FleetView:
     """One frame of the status display. `depths` may name models no live worker serves
     (requests queued for them): those are listed as `unavailable`."""
@@ -130,7 +181,12 @@ def build_view(
                 cancelled=sum(m.cancelled for _, m in entries),
             )
         )
-    return FleetView(models=rows, workers=workers, queue_error=queue_error)
+    return FleetView(
+        models=rows,
+        workers=workers,
+        queue_error=queue_error,
+        gateways=gateway_rows(gateways or {}, now),
+    )
 
 
 def duration(seconds: float) -> str:

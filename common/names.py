@@ -21,6 +21,8 @@ REQUEST_SUBJECT_PREFIX = f"{SUBJECT_ROOT}.req."
 REQUEST_SUBJECTS = f"{REQUEST_SUBJECT_PREFIX}*"
 HEARTBEAT_PREFIX = f"{SUBJECT_ROOT}.hb."
 DISCOVER_SUBJECT = f"{SUBJECT_ROOT}.discover"
+GATEWAY_HB_PREFIX = f"{SUBJECT_ROOT}.gwhb."
+"""Gateway announcements (`GatewayAnnounce`): `llmfleet.gwhb.<gateway>`, for operators."""
 CONTROL_PREFIX = f"{SUBJECT_ROOT}.ctl."
 CONSUMER_PREFIX = "llmfleet-"
 INBOX_ROOT = "_LLMFLEET"
@@ -96,10 +98,10 @@ def control_subject(worker_id: str) -> str:
 _WORKER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def check_worker_id(worker_id: str) -> str:
-    """Worker ids become subject tokens: keep them to `[A-Za-z0-9_-]{1,64}`."""
+def check_worker_id(worker_id: str, kind: str = "worker") -> str:
+    """Worker (and gateway) ids become subject tokens: keep them to `[A-Za-z0-9_-]{1,64}`."""
     if not _WORKER_ID.match(worker_id):
-        raise ValueError(f"worker id must match [A-Za-z0-9_-]{{1,64}}: {worker_id!r}")
+        raise ValueError(f"{kind} id must match [A-Za-z0-9_-]{{1,64}}: {worker_id!r}")
     return worker_id
 
 

@@ -226,6 +226,34 @@ class WorkerAnnounce(msgspec.Struct, omit_defaults=True):
     tokens_per_s: float = 0.0
 
 
+class GatewayAnnounce(msgspec.Struct, omit_defaults=True):
+    """Published by every gateway on `llmfleet.gwhb.<gateway>` every few seconds and on
+    `discover`, for operators (`llmfleet status`); nothing routes by it. `state` "stopped"
+    (sent when it stops) removes it at once; else it is valid for `ttl_s`. Counters are
+    totals since the gateway started."""
+
+    gateway: str
+    host: str
+    version: str
+    state: str  # ready | draining (stopped accepting, open streams finish) | stopped
+    ttl_s: float
+    uptime_s: float = 0.0
+    listen: str = ""  # host:port of its HTTP server
+    requests: int = 0
+    in_flight: int = 0
+    ok: int = 0
+    client_errors: int = 0
+    server_errors: int = 0
+    workers: int = 0  # live workers in its catalog
+
+
+_gateway_announce_decoder = msgspec.json.Decoder(GatewayAnnounce)
+
+
+def decode_gateway_announce(data: bytes) -> GatewayAnnounce:
+    return _gateway_announce_decoder.decode(data)
+
+
 _announce_decoder = msgspec.json.Decoder(WorkerAnnounce)
 
 

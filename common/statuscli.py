@@ -1,10 +1,10 @@
 """`llmfleet status` and `llmfleet drain`: the operator's view of the fleet, over NATS only.
 
-Status listens to worker announcements (`llmfleet.hb.*`, after asking every worker to
-announce at once on `llmfleet.discover`) and reads each model's queue from its JetStream
-consumer; `common.fleetview` turns both into rows. Drain asks one worker, through its
-micro-service endpoint `llmfleet.ctl.<worker>.drain`, to stop taking work, finish what
-runs and exit; `--wait` follows it until it has left.
+Status listens to worker and gateway announcements (`llmfleet.hb.*`, `llmfleet.gwhb.*`,
+after asking everyone to announce at once on `llmfleet.discover`) and reads each model's
+queue from its JetStream consumer; `common.fleetview` turns all that into rows. Drain asks
+one worker, through its micro-service endpoint `llmfleet.ctl.<worker>.drain`, to stop
+taking work, finish what runs and exit; `--wait` follows it until it has left.
 
 The announcement table is written only by the subscription callback (one owner); the
 display loop reads it.
@@ -30,7 +30,14 @@ from rich.text import Text
 
 from common import names
 from common import protocol as p
-from common.fleetview import FleetView, Seen, build_view, duration, resolve_worker
+from common.fleetview import (
+    FleetView,
+    GatewaySeen,
+    Seen,
+    build_view,
+    duration,
+    resolve_worker,
+)
 from common.queue import QueueDepth, queue_depth, queued_models
 
 
@@ -48,7 +55,8 @@ class FleetWatcher:
         self._nc = nc
         self._js = nc.jetstream(timeout=3.0)
         self.seen: dict[str, Seen] = {}
-        self._sub: Any = None
+        self.gateways: dict[str, GatewaySeen] = {}
+        self._subs: list[Any] = []
 
     async def _on_announce(self, msg: Any) -> None:
         try:
@@ -57,16 +65,26 @@ class FleetWatcher:
             return
         self.seen[a.worker] = Seen(a, time.monotonic())
 
+    async def _on_gateway(self, msg: Any) -> None:
+        try:
+            g = p.decode_gateway_announce(msg.data)
+        except msgspec.DecodeError:
+            return
+        self.gateways[g.gateway] = GatewaySeen(g, time.monotonic())
+
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(names.HEARTBEAT_PREFIX + "*", cb=self._on_announce)
+        self._subs = [
+            await self._nc.subscribe(names.HEARTBEAT_PREFIX + "*", cb=self._on_announce),
+            await self._nc.subscribe(names.GATEWAY_HB_PREFIX + "*", cb=self._on_gateway),
+        ]
         await self._nc.flush()
         await self._nc.publish(names.DISCOVER_SUBJECT, b"")
         await self._nc.flush()
 
     async def stop(self) -> None:
-        if self._sub is not None:
+        for sub in self._subs:
             with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
 
     async def depths(self, models: set[str]) -> tuple[dict[str, QueueDepth], str]:
         """Queue depth of every model with a consumer, plus `models`; an error text instead
@@ -96,7 +114,7 @@ class FleetWatcher:
     async def view(self) -> FleetView:
         models = {m.id for s in self.seen.values() for m in s.announce.models}
         depths, err = await self.depths(models)
-        return build_view(self.seen, depths, time.monotonic(), err)
+        return build_view(self.seen, depths, time.monotonic(), err, self.gateways)
 
 
 @contextlib.asynccontextmanager
@@ -186,9 +204,29 @@ def render(view: FleetView, title: str = "") -> Group:
             duration(w.uptime_s),
             f"{w.last_seen_s:.1f}s ago",
         )
-    parts: list[Any] = [mt, wt]
+    gt = _table(
+        "gateways",
+        "gateway host state listen in-flight requests 4xx 5xx workers version uptime last-seen",
+        left={"gateway", "host", "state", "listen", "version"},
+    )
+    for g in view.gateways:
+        gt.add_row(
+            g.gateway,
+            g.host,
+            Text(g.state, style=_STATUS_STYLE.get(g.state, "")),
+            g.listen,
+            str(g.in_flight),
+            f"{g.requests:,}",
+            f"{g.client_errors:,}",
+            Text(f"{g.server_errors:,}", style="red" if g.server_errors else ""),
+            str(g.workers),
+            g.version,
+            duration(g.uptime_s),
+            f"{g.last_seen_s:.1f}s ago",
+        )
+    parts: list[Any] = [mt, wt, gt]
     if not view.models and not view.workers:
-        parts = [Text("no workers and no queued requests found", style="yellow")]
+        parts = [Text("no workers and no queued requests found", style="yellow"), gt]
     if view.queue_error:
         parts.append(Text(view.queue_error, style="red"))
     return Group(*parts)

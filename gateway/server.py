@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +17,7 @@ import nats.errors
 import nats.js.errors
 import uvicorn
 
-from common import names
+from common import __version__, names
 from common import protocol as p
 from common.bodies import BodySettings, BodyStore
 from common.natsconn import close, connect, flush, jetstream
@@ -46,6 +48,7 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     resume_on_failure: bool = False
     shutdown_grace_s: float = 30.0
     queue_poll_s: float = 5.0  # queue-depth metric refresh (0: off)
+    announce_s: float = 2.0  # GatewayAnnounce interval (for `llmfleet status`)
 
 
 class _Server(uvicorn.Server):
@@ -63,10 +66,45 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, telemetry: Telemetry | None = None) -> None:
         self.settings = settings
         self.telemetry = telemetry or Telemetry.off("llmfleet-gateway")
-        self.gateway_id = settings.gateway_id or secrets.token_hex(4)
+        # Ids become subject tokens (reply subjects, announcements): same rule as workers'.
+        self.gateway_id = names.check_worker_id(
+            settings.gateway_id or secrets.token_hex(4), "gateway"
+        )
         self._stop = asyncio.Event()
         self.app: GatewayApp | None = None
         self.port: int | None = None
+        self._started = time.monotonic()
+        self._host = socket.gethostname()
+
+    def announcement(self, catalog: Catalog, state: str) -> p.GatewayAnnounce:
+        """This gateway for operators: `llmfleet.gwhb.<gateway>` (see common/protocol.py)."""
+        st = self.app.stats if self.app is not None else None
+        return p.GatewayAnnounce(
+            gateway=self.gateway_id,
+            host=self._host,
+            version=__version__,
+            state=state,
+            ttl_s=self.settings.announce_s * 3.5,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            listen=f"{self.settings.host}:{self.port}",
+            requests=st.requests if st else 0,
+            in_flight=st.in_flight if st else 0,
+            ok=st.ok if st else 0,
+            client_errors=st.client_errors if st else 0,
+            server_errors=st.server_errors if st else 0,
+            workers=len(catalog.snapshot.workers),
+        )
+
+    async def _announce(self, nc: Any, catalog: Catalog, state: str = "ready") -> None:
+        if nc.is_connected:
+            subject = names.GATEWAY_HB_PREFIX + self.gateway_id
+            with contextlib.suppress(nats.errors.Error):
+                await nc.publish(subject, p.encode(self.announcement(catalog, state)))
+
+    async def _announce_every(self, nc: Any, catalog: Catalog) -> None:
+        while True:
+            await self._announce(nc, catalog)
+            await asyncio.sleep(self.settings.announce_s)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -182,13 +220,24 @@ class Gateway:
             if server.started:
                 self.port = server.servers[0].sockets[0].getsockname()[1]
                 log.info("gateway %s serving on http://%s:%s", self.gateway_id, s.host, self.port)
+
+                async def on_discover(msg: Any) -> None:
+                    await self._announce(nc, catalog)
+
+                disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=on_discover)
+                beats = tg.create_task(self._announce_every(nc, catalog))
                 if ready is not None:
                     ready.set_result(None)
                 stop = tg.create_task(self._stop.wait())
                 await asyncio.wait({stop, srv_task}, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
+                beats.cancel()
+                await disc.unsubscribe()
+                await self._announce(nc, catalog, "draining")  # open streams may finish
                 server.should_exit = True
             await srv_task
+            if server.started:
+                await self._announce(nc, catalog, "stopped")
             cat_task.cancel()
             if poll_task is not None:
                 poll_task.cancel()

@@ -420,6 +420,7 @@ def test_status_and_drain_cli_with_admin_credentials(roles: Roles, hub: Hub) -> 
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert {w["worker"] for w in doc["workers"]} == {"hub-w", "leaf-w"}
+    assert [g["state"] for g in doc["gateways"]] == ["ready"]  # gateway announcements too
     assert {"sim-model", "leaf-model"} <= {m["model"] for m in doc["models"]}
 
     r = _cli("drain", "leaf-w", "--nats", url, "--wait", "--timeout", "30")

@@ -82,6 +82,11 @@ async def test_status_json_counts_workers_slots_requests_and_queues(
     assert a["version"] and a["host"] and a["uptime_s"] > 0
     st_a = _models(doc)["st-a"]
     assert (st_a["status"], st_a["workers"], st_a["slots_total"]) == ("ready", 2, 5)
+    gws = {g["gateway"]: g for g in doc["gateways"]}
+    assert len(gws) == 1, doc["gateways"]
+    (g,) = gws.values()
+    assert g["state"] == "ready" and g["listen"] == f"127.0.0.1:{gw.port}"
+    assert g["workers"] >= 2 and g["version"] and g["uptime_s"] > 0
 
     async with openai.AsyncOpenAI(base_url=gw.base_url, api_key="x") as client:
         await asyncio.gather(
@@ -99,6 +104,8 @@ async def test_status_json_counts_workers_slots_requests_and_queues(
     )
     st_a = _models(doc)["st-a"]
     assert st_a["errors"] == 0
+    doc = await _until(nats_url, lambda d: d["gateways"][0]["requests"] >= 12)
+    assert doc["gateways"][0]["server_errors"] == 0
     assert st_a["req_per_s"] > 0
     assert sum(w["completed"] for w in doc["workers"]) == 12
 
@@ -117,7 +124,7 @@ async def test_status_json_counts_workers_slots_requests_and_queues(
 def test_status_tables_and_watch_from_the_cli(gw: Gateway, nats_url: str) -> None:
     r = _cli("status", "--nats", nats_url)
     assert r.returncode == 0, r.stderr
-    for text in ("models", "workers", "queued", "oldest wait", "st-a", "st-b", "gpu-a", "gpu-b"):
+    for text in ("models", "workers", "gateways", "queued", "oldest wait", "st-a", "gpu-b"):
         assert text in r.stdout, r.stdout
 
     proc = subprocess.Popen(
@@ -281,3 +288,23 @@ async def test_drain_grace_ends_a_long_stream_with_a_clear_error(
         await running
     assert 0 < len(got) < 200
     assert w.popen.wait(20) == 0
+
+
+async def test_a_stopped_gateway_leaves_the_status_at_once(
+    fleet: Fleet, gw: Gateway, nats_url: str
+) -> None:
+    extra = fleet.gateway()
+    doc = await _until(nats_url, lambda d: len(d["gateways"]) == 2)
+    listens = {g["listen"] for g in doc["gateways"]}
+    assert f"127.0.0.1:{extra.port}" in listens
+    assert extra.stop() == 0
+    doc = await _view(nats_url)  # no TTL wait: it announced `stopped`
+    assert [g["listen"] for g in doc["gateways"]] == [f"127.0.0.1:{gw.port}"]
+
+
+def test_bad_ids_are_refused_with_a_clear_message() -> None:
+    for role, flag in (("gateway", "--gateway-id"), ("worker", "--worker-id")):
+        r = _cli(role, "--nats", "nats://127.0.0.1:1", flag, "a.b", timeout=30)
+        assert r.returncode == 1
+        assert f"{role} id must match" in r.stderr
+        assert "Traceback" not in r.stderr

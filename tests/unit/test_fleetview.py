@@ -4,7 +4,16 @@ sums per model, queues of models no worker serves, worker-name prefixes."""
 from __future__ import annotations
 
 from common import protocol as p
-from common.fleetview import Seen, build_view, duration, live, model_status, resolve_worker
+from common.fleetview import (
+    GatewaySeen,
+    Seen,
+    build_view,
+    duration,
+    gateway_rows,
+    live,
+    model_status,
+    resolve_worker,
+)
 from common.queue import QueueDepth
 from worker.rates import RateWindow, Totals
 
@@ -107,3 +116,15 @@ def test_rate_window_uses_the_last_window_only() -> None:
         w.observe(float(t), {"m": Totals(completed=50, tokens_out=500)})
     r = w.rates()["m"]
     assert (r.req_per_s, r.tokens_per_s) == (0.0, 0.0)
+
+
+def test_gateway_rows_drop_stopped_and_expired_gateways() -> None:
+    def g(name: str, state: str = "ready") -> GatewaySeen:
+        a = p.GatewayAnnounce(gateway=name, host="h", version="0.1.0", state=state, ttl_s=7.0)
+        return GatewaySeen(a, at=100.0)
+
+    seen = {"a": g("a"), "b": g("b", "stopped"), "c": g("c", "draining")}
+    assert [r.gateway for r in gateway_rows(seen, now=101.0)] == ["a", "c"]
+    assert gateway_rows(seen, now=108.0) == []
+    view = build_view({}, {}, now=101.0, gateways=seen)
+    assert [r.gateway for r in view.gateways] == ["a", "c"]
