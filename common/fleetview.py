@@ -7,16 +7,21 @@ No I/O and no clock here: the caller passes `now` and what it received, so every
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 import msgspec
 
 from common import protocol as p
 from common.queue import QueueDepth
 
+A = TypeVar("A", p.WorkerAnnounce, p.GatewayAnnounce)
 
-class Seen(msgspec.Struct, frozen=True):
-    """An announcement and when it arrived (the receiver's monotonic clock)."""
 
-    announce: p.WorkerAnnounce
+class Seen(msgspec.Struct, Generic[A], frozen=True):
+    """An announcement (a worker's or a gateway's) and when it arrived (the receiver's
+    monotonic clock)."""
+
+    announce: A
     at: float
 
 
@@ -68,11 +73,6 @@ class GatewayRow(msgspec.Struct, frozen=True):
     last_seen_s: float
 
 
-class GatewaySeen(msgspec.Struct, frozen=True):
-    announce: p.GatewayAnnounce
-    at: float
-
-
 class FleetView(msgspec.Struct, frozen=True):
     models: list[ModelRow]
     workers: list[WorkerRow]
@@ -80,8 +80,8 @@ class FleetView(msgspec.Struct, frozen=True):
     gateways: list[GatewayRow] = []
 
 
-def live(seen: dict[str, Seen], now: float) -> dict[str, Seen]:
-    """Drop workers whose last announcement expired or said `stopped`."""
+def live(seen: dict[str, Seen[A]], now: float) -> dict[str, Seen[A]]:
+    """Drop workers (or gateways) whose last announcement expired or said `stopped`."""
     return {
         w: s
         for w, s in seen.items()
@@ -89,24 +89,33 @@ def live(seen: dict[str, Seen], now: float) -> dict[str, Seen]:
     }
 
 
+def status_of(*, ready: bool, loading: bool, has_workers: bool) -> str:
+    """The model status vocabulary, one rule for the gateway's catalog (`/v1/models`) and
+    `llmfleet status`: a ready worker wins, then a loading one, then a draining one."""
+    if ready:
+        return "ready"
+    if loading:
+        return "loading"
+    return "draining" if has_workers else "unavailable"
+
+
 def model_status(states: list[tuple[str, bool]]) -> str:
     """A model's status from its workers' (worker state, model loaded) pairs."""
-    if any(state == "ready" and loaded for state, loaded in states):
-        return "ready"
-    if any(state == "starting" or (state == "ready" and not loaded) for state, loaded in states):
-        return "loading"
-    if states:
-        return "draining"
-    return "unavailable"
+    return status_of(
+        ready=any(state == "ready" and loaded for state, loaded in states),
+        loading=any(
+            state == "starting" or (state == "ready" and not loaded) for state, loaded in states
+        ),
+        has_workers=bool(states),
+    )
 
 
-def gateway_rows(gateways: dict[str, GatewaySeen], now: float) -> list[GatewayRow]:
+def gateway_rows(gateways: dict[str, Seen[p.GatewayAnnounce]], now: float) -> list[GatewayRow]:
     """Live gateways (not stopped, announcement not expired), by host and id."""
     rows = []
-    for g in sorted(gateways.values(), key=lambda g: (g.announce.host, g.announce.gateway)):
+    alive = live(gateways, now)
+    for g in sorted(alive.values(), key=lambda g: (g.announce.host, g.announce.gateway)):
         a = g.announce
-        if a.state == "stopped" or now - g.at > a.ttl_s:
-            continue
         rows.append(
             GatewayRow(
                 gateway=a.gateway,
@@ -127,11 +136,11 @@ def gateway_rows(gateways: dict[str, GatewaySeen], now: float) -> list[GatewayRo
 
 
 def build_view(
-    seen: dict[str, Seen],
+    seen: dict[str, Seen[p.WorkerAnnounce]],
     depths: dict[str, QueueDepth],
     now: float,
     queue_error: str = "",
-    gateways: dict[str, GatewaySeen] | None = None,
+    gateways: dict[str, Seen[p.GatewayAnnounce]] | None = None,
 ) -> FleetView:
     """One frame of the status display. `depths` may name models no live worker serves
     (requests queued for them): those are listed as `unavailable`."""

@@ -30,14 +30,7 @@ from rich.text import Text
 
 from common import names
 from common import protocol as p
-from common.fleetview import (
-    FleetView,
-    GatewaySeen,
-    Seen,
-    build_view,
-    duration,
-    resolve_worker,
-)
+from common.fleetview import FleetView, Seen, build_view, duration, resolve_worker
 from common.queue import QueueDepth, queue_depth, queued_models
 
 
@@ -54,23 +47,19 @@ class FleetWatcher:
     def __init__(self, nc: Any) -> None:
         self._nc = nc
         self._js = nc.jetstream(timeout=3.0)
-        self.seen: dict[str, Seen] = {}
-        self.gateways: dict[str, GatewaySeen] = {}
+        self.seen: dict[str, Seen[p.WorkerAnnounce]] = {}
+        self.gateways: dict[str, Seen[p.GatewayAnnounce]] = {}
         self._subs: list[Any] = []
 
     async def _on_announce(self, msg: Any) -> None:
-        try:
+        with contextlib.suppress(msgspec.DecodeError):
             a = p.decode_announce(msg.data)
-        except msgspec.DecodeError:
-            return
-        self.seen[a.worker] = Seen(a, time.monotonic())
+            self.seen[a.worker] = Seen(a, time.monotonic())
 
     async def _on_gateway(self, msg: Any) -> None:
-        try:
+        with contextlib.suppress(msgspec.DecodeError):
             g = p.decode_gateway_announce(msg.data)
-        except msgspec.DecodeError:
-            return
-        self.gateways[g.gateway] = GatewaySeen(g, time.monotonic())
+            self.gateways[g.gateway] = Seen(g, time.monotonic())
 
     async def start(self) -> None:
         self._subs = [

@@ -20,6 +20,7 @@ import time
 import msgspec
 
 from common import protocol as p
+from common.fleetview import status_of
 
 
 class ModelEntry(msgspec.Struct, frozen=True):
@@ -37,11 +38,7 @@ class ModelEntry(msgspec.Struct, frozen=True):
 
     @property
     def status(self) -> str:
-        if self.ready:
-            return "ready"
-        if self.loading:
-            return "loading"
-        return "draining" if self.workers else "unavailable"
+        return status_of(ready=self.ready, loading=self.loading, has_workers=bool(self.workers))
 
 
 class CatalogSnapshot(msgspec.Struct, frozen=True):

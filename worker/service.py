@@ -72,6 +72,7 @@ class Worker:
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self.host = socket.gethostname()
+        self.engine_kinds = ",".join(dict.fromkeys(m.engine.card().engine for m in models))
         self._rates = RateWindow()
         self._stop = asyncio.Event()
         self._nc: Any = None
@@ -123,7 +124,7 @@ class Worker:
             failed=sum(x.failed for x in all_stats),
             tokens_out=sum(x.tokens_out for x in all_stats),
             peak_in_flight=max((x.peak_in_flight for x in all_stats), default=0),
-            engine=",".join(dict.fromkeys(m.engine for m in models)),
+            engine=self.engine_kinds,
             uptime_s=round(time.monotonic() - self._started_mono, 3),
             slots_used=sum(m.in_flight for m in models),
             slots_total=sum(m.max_concurrency for m in models),
@@ -244,7 +245,7 @@ class Worker:
                 nc,
                 worker_id=self.worker_id,
                 host=self.host,
-                engine=",".join(dict.fromkeys(m.engine.card().engine for m in self.models)),
+                engine=self.engine_kinds,
                 models=[m.model_id for m in self.models],
                 snapshot=self.announcement,
                 drain=self.request_drain,

@@ -56,6 +56,27 @@ async def _until(url: str, pred: Callable[[dict[str, Any]], bool], timeout: floa
     raise AssertionError(f"status never matched; last: {json.dumps(doc, indent=1)}")
 
 
+async def _stream(
+    gw: Gateway, model: str, max_tokens: int, parts: list[str] | None = None
+) -> tuple[list[str], str | None]:
+    """Stream one chat completion through the SDK: the text parts (also appended to `parts`
+    as they arrive) and the finish reason."""
+    parts = [] if parts is None else parts
+    finish = None
+    async with openai.AsyncOpenAI(base_url=gw.base_url, api_key="x", max_retries=0) as c:
+        s = await c.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=max_tokens,
+            stream=True,
+        )
+        async for chunk in s:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+    return parts, finish
+
+
 def _workers(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {w["worker"]: w for w in doc["workers"]}
 
@@ -208,22 +229,7 @@ async def test_drain_lets_the_running_stream_finish_and_the_worker_exit(
     fleet.wait_ready(gw, ("st-d",))
     await _until(nats_url, lambda d: _workers(d).get("gpu-drain", {}).get("state") == "ready")
 
-    async def stream() -> tuple[str, str | None]:
-        text, finish = "", None
-        async with openai.AsyncOpenAI(base_url=gw.base_url, api_key="x") as client:
-            s = await client.chat.completions.create(
-                model="st-d",
-                messages=[{"role": "user", "content": "hi"}],
-                max_tokens=40,
-                stream=True,
-            )
-            async for chunk in s:
-                if chunk.choices:
-                    text += chunk.choices[0].delta.content or ""
-                    finish = chunk.choices[0].finish_reason or finish
-        return text, finish
-
-    running = asyncio.create_task(stream())
+    running = asyncio.create_task(_stream(gw, "st-d", 40))
     await _until(nats_url, lambda d: _workers(d).get("gpu-drain", {}).get("slots_used") == 1)
     loop = asyncio.get_running_loop()
     drained = await loop.run_in_executor(
@@ -232,8 +238,8 @@ async def test_drain_lets_the_running_stream_finish_and_the_worker_exit(
     assert drained.returncode == 0, drained.stderr
     assert "gpu-drain is draining: 1 request(s) in flight" in drained.stderr
     assert "has stopped" in drained.stderr
-    text, finish = await running
-    assert finish == "length" and len(text.split()) >= 30
+    parts, finish = await running
+    assert finish == "length" and len("".join(parts).split()) >= 30
     assert w.popen.wait(20) == 0
     doc = await _view(nats_url)
     assert "gpu-drain" not in _workers(doc)
@@ -262,20 +268,7 @@ async def test_drain_grace_ends_a_long_stream_with_a_clear_error(
     fleet.wait_ready(gw, ("st-g",))
     await _until(nats_url, lambda d: _workers(d).get("gpu-grace", {}).get("state") == "ready")
     got: list[str] = []
-
-    async def stream() -> None:
-        async with openai.AsyncOpenAI(base_url=gw.base_url, api_key="x", max_retries=0) as c:
-            s = await c.chat.completions.create(
-                model="st-g",
-                messages=[{"role": "user", "content": "hi"}],
-                max_tokens=200,
-                stream=True,
-            )
-            async for chunk in s:
-                if chunk.choices:
-                    got.append(chunk.choices[0].delta.content or "")
-
-    running = asyncio.create_task(stream())
+    running = asyncio.create_task(_stream(gw, "st-g", 200, got))
     await _until(nats_url, lambda d: _workers(d).get("gpu-grace", {}).get("slots_used") == 1)
     loop = asyncio.get_running_loop()
     drained = await loop.run_in_executor(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from common import protocol as p
 from common.fleetview import (
-    GatewaySeen,
     Seen,
     build_view,
     duration,
@@ -119,9 +118,9 @@ def test_rate_window_uses_the_last_window_only() -> None:
 
 
 def test_gateway_rows_drop_stopped_and_expired_gateways() -> None:
-    def g(name: str, state: str = "ready") -> GatewaySeen:
+    def g(name: str, state: str = "ready") -> Seen[p.GatewayAnnounce]:
         a = p.GatewayAnnounce(gateway=name, host="h", version="0.1.0", state=state, ttl_s=7.0)
-        return GatewaySeen(a, at=100.0)
+        return Seen(a, at=100.0)
 
     seen = {"a": g("a"), "b": g("b", "stopped"), "c": g("c", "draining")}
     assert [r.gateway for r in gateway_rows(seen, now=101.0)] == ["a", "c"]
