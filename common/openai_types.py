@@ -19,6 +19,8 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+TokenCount = Annotated[int, Meta(ge=0)]  # 0 is valid: score the prompt, generate nothing
+BestOf = Annotated[int, Meta(ge=0, le=20)]  # OpenAI's bounds; 0 means the default
 ChoiceCount = Annotated[int, Meta(ge=1, le=128)]
 
 
@@ -63,10 +65,10 @@ class _Generating:
 
 
 class ChatRequest(msgspec.Struct, _Generating, omit_defaults=True):
-    model: str
     messages: list[ChatMessage]
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
+    model: str = ""  # empty: the gateway's --default-model, if it has one
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     n: ChoiceCount | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -85,13 +87,15 @@ class ChatRequest(msgspec.Struct, _Generating, omit_defaults=True):
     continue_final_message: bool | None = None  # vLLM/SGLang: extend the last assistant turn
 
     def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
 
 
 class CompletionRequest(msgspec.Struct, _Generating, omit_defaults=True):
-    model: str
     prompt: str | list[str | int | list[int]]
-    max_tokens: Annotated[int, Meta(ge=0)] | None = 16
+    model: str = ""
+    max_tokens: TokenCount | None = 16
     n: ChoiceCount | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -104,16 +108,20 @@ class CompletionRequest(msgspec.Struct, _Generating, omit_defaults=True):
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    best_of: PositiveInt | None = None
+    best_of: BestOf | None = None
     user: str | None = None
 
     def token_limit(self) -> int:
         return 16 if self.max_tokens is None else self.max_tokens
 
+    def candidates(self) -> int:
+        """Sequences generated per prompt: `best_of` (0 or null: `n`), never fewer than `n`."""
+        return max(self.best_of or 0, self.choices())
+
 
 class EmbeddingRequest(msgspec.Struct, omit_defaults=True):
-    model: str
     input: str | list[str | int | list[int]]
+    model: str = ""
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: PositiveInt | None = None
     user: str | None = None

@@ -93,6 +93,7 @@ class GatewayApp:
         limits: Limits,
         api_key: str | None,
         ready_check: Any,
+        default_model: str | None = None,
         cors_origins: tuple[str, ...] = (),
         resume_on_failure: bool = False,
         telemetry: Telemetry | None = None,
@@ -105,6 +106,7 @@ class GatewayApp:
         self.catalog = catalog
         self.limits = limits
         self.api_key = api_key
+        self.default_model = default_model
         self.ready_check = ready_check
         self.stats = GatewayStats()
 
@@ -126,7 +128,7 @@ class GatewayApp:
                 if method != "POST":
                     raise MethodNotAllowed(f"Use POST for {path}.")
                 await self._infer(op, scope, receive, send)
-            elif path == "/healthz":
+            elif path in ("/healthz", "/health"):  # /health: what llama.cpp and vLLM probe
                 await send_json(send, 200, b'{"status":"ok"}')
             elif path == "/metrics":  # like /healthz: no API key (counts and names only)
                 body = self.telemetry.render_metrics()
@@ -263,7 +265,7 @@ class GatewayApp:
             try:
                 self._auth(scope)
                 body = await read_body(scope, receive, self.limits.max_body_bytes)
-                parsed = parse(op, body, self.limits)
+                parsed = parse(op, body, self.limits, self.default_model)
                 rec.stream = parsed.stream
                 if self.catalog.snapshot.lookup(parsed.model) is None:
                     raise ModelNotFound(

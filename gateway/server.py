@@ -39,6 +39,7 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     port: int = 8080
     gateway_id: str = ""
     api_key: str | None = None
+    default_model: str | None = None  # for requests that name no model
     limits: Limits = Limits()
     dispatch: DispatchSettings = DispatchSettings()
     queue: QueueSettings = QueueSettings()
@@ -177,6 +178,7 @@ class Gateway:
             catalog=catalog,
             limits=s.limits,
             api_key=s.api_key,
+            default_model=s.default_model,
             ready_check=ready_check,
             cors_origins=s.cors_origins,
             resume_on_failure=s.resume_on_failure,

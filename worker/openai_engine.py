@@ -122,7 +122,7 @@ class _UpChoice(msgspec.Struct):
     finish_reason: str | None = None
 
 
-class _UpChunk(msgspec.Struct):
+class UpChunk(msgspec.Struct):
     choices: list[_UpChoice] = []
     usage: _UpUsage | None = None
     error: _UpErrorBody | str | None = None
@@ -141,7 +141,7 @@ class _UpEmbeddings(msgspec.Struct):
 
 
 _body_decoder = msgspec.json.Decoder(dict[str, Any])
-_chunk_decoder = msgspec.json.Decoder(_UpChunk)
+_chunk_decoder = msgspec.json.Decoder(UpChunk)
 _error_decoder = msgspec.json.Decoder(_UpErrorDoc)
 _embeddings_decoder = msgspec.json.Decoder(_UpEmbeddings)
 _encoder = msgspec.json.Encoder()
@@ -195,7 +195,7 @@ class SSEParser:
             self._size += len(value) + 1
 
 
-def chunk_output(chunk: _UpChunk) -> Output | None:
+def chunk_output(chunk: UpChunk) -> Output | None:
     """The new output in one upstream chunk, or None when no choice advanced."""
     out: list[ChoiceDelta] = []
     for c in chunk.choices:
@@ -268,7 +268,7 @@ def upstream_error(status: int, body: bytes, retry_after: float | None = None) -
     return UpstreamError(f"upstream failed with HTTP {status}: {message}")
 
 
-def _stream_error(chunk: _UpChunk) -> UpstreamError | None:
+def _stream_error(chunk: UpChunk) -> UpstreamError | None:
     if isinstance(chunk.error, _UpErrorBody):
         return UpstreamError(f"upstream error mid-stream: {chunk.error.message or 'unknown'}")
     if isinstance(chunk.error, str):
@@ -523,14 +523,18 @@ class _StreamState:
 
     def usage(self) -> Usage:
         """The last usage upstream reported (zeros when it never sent one)."""
-        u = self._usage or _UpUsage()
-        return Usage(
-            prompt_tokens=u.prompt_tokens,
-            completion_tokens=u.completion_tokens,
-            total_tokens=u.total_tokens or u.prompt_tokens + u.completion_tokens,
-            prompt_tokens_details=u.prompt_tokens_details or UNSET,
-            completion_tokens_details=u.completion_tokens_details or UNSET,
-        )
+        return up_usage(self._usage or _UpUsage())
+
+
+def up_usage(u: _UpUsage) -> Usage:
+    """An upstream's usage object as ours (total computed when the upstream left it out)."""
+    return Usage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens or u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details=u.prompt_tokens_details or UNSET,
+        completion_tokens_details=u.completion_tokens_details or UNSET,
+    )
 
 
 def _trace_headers(headers: dict[str, str]) -> dict[str, str]:

@@ -88,7 +88,12 @@ class SimEngine:
 
     def complete(self, req: CompletionRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
         plans, prompt_tokens = plan_completion(req, self.settings.tokens)
-        logprobs = completion_logprobs if req.logprobs is not None else None
+        echo = bool(req.echo)
+        logprobs = (
+            (lambda piece, off: completion_logprobs(piece, off, echo=echo))
+            if req.logprobs is not None
+            else None
+        )
         return self._play(plans, prompt_tokens, logprobs)
 
     async def _play(
@@ -130,7 +135,8 @@ class SimEngine:
                 offsets[k] += len(piece)
             yield Output(choices=out)
         completion_tokens = sum(
-            len(pl.pieces) if pl.tool_calls is None else _tool_tokens(pl) for pl in plans
+            len(pl.pieces) - pl.echoed if pl.tool_calls is None else _tool_tokens(pl)
+            for pl in plans
         )
         yield Usage(
             prompt_tokens=prompt_tokens,

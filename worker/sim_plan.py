@@ -5,7 +5,9 @@ are honoured in the simplest valid way, so clients that depend on them work agai
 `response_format` json_object / json_schema gives valid JSON (a minimal instance of the
 schema), `tool_choice` "required" or a named function gives a tool call whose arguments
 are a minimal instance of the function's parameter schema, `echo` repeats the prompt, and
-`logprobs` adds (fixed, fake) log probabilities. With `tool_choice` "auto" sim answers in
+`logprobs` adds (fixed, fake) log probabilities (with `echo`, the prompt's too: the first
+token has none, as in OpenAI's format, so `echo` + `max_tokens: 0` scores a prompt the way
+evaluation harnesses ask). With `tool_choice` "auto" sim answers in
 text: it does not decide anything.
 """
 
@@ -35,6 +37,7 @@ class Plan(msgspec.Struct):
     pieces: list[str]
     finish_reason: str
     tool_calls: list[dict[str, Any]] | None = None
+    echoed: int = 0  # leading pieces that repeat the prompt (not completion tokens)
 
 
 def words(text: str) -> list[str]:
@@ -191,9 +194,12 @@ def plan_completion(req: CompletionRequest, default_tokens: int) -> tuple[list[P
         for c in range(n):
             pieces = sim_text(base + c.to_bytes(2, "little"), count)
             pieces, finish = _limit(pieces, None if natural else count, _stops(req.stop))
+            echoed = 0
             if req.echo:
-                pieces = [prompt, *((" " + pieces[0].lstrip(), *pieces[1:]) if pieces else ())]
-            plans.append(Plan(i * n + c, pieces, finish))
+                said = prompt_pieces(prompt)
+                echoed = len(said)
+                pieces = [*said, *((" " + pieces[0].lstrip(), *pieces[1:]) if pieces else ())]
+            plans.append(Plan(i * n + c, pieces, finish, echoed=echoed))
     return plans, sum(len(words(p)) for p in prompts)
 
 
@@ -202,10 +208,18 @@ def chat_logprobs(piece: str, top: int) -> dict[str, Any]:
     return {"content": [{**entry, "top_logprobs": [entry] * top}]}
 
 
-def completion_logprobs(piece: str, offset: int) -> dict[str, Any]:
+def prompt_pieces(prompt: str) -> list[str]:
+    """The prompt as sim tokens (words, each after the first with its leading space)."""
+    said = words(prompt)
+    return [(" " if i else "") + w for i, w in enumerate(said)] or [prompt]
+
+
+def completion_logprobs(piece: str, offset: int, *, echo: bool = False) -> dict[str, Any]:
+    """One piece's legacy logprobs; an echoed prompt's first token (offset 0) has none."""
+    first = echo and offset == 0
     return {
         "tokens": [piece],
-        "token_logprobs": [FAKE_LOGPROB],
-        "top_logprobs": [{piece: FAKE_LOGPROB}],
+        "token_logprobs": [None if first else FAKE_LOGPROB],
+        "top_logprobs": [None if first else {piece: FAKE_LOGPROB}],
         "text_offset": [offset],
     }

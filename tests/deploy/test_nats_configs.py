@@ -187,7 +187,8 @@ async def test_chat_through_gateway_and_worker_with_role_credentials(
             stream=True,
         )
         parts = [ch.choices[0].delta.content or "" async for ch in stream if ch.choices]
-        assert len([p for p in parts if p]) == 5
+        # 5 sim tokens (words); a worker may merge tokens that arrive together into one delta
+        assert len("".join(parts).split()) == 5
     assert _role_violations(hub, "llmfleet-gateway-", "llmfleet-worker-") == []
 
 

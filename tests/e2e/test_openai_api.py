@@ -261,7 +261,7 @@ def _post(gw: Gateway, path: str, content: bytes) -> httpx.Response:
             "max_tokens",
         ),
         (
-            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
             "max_tokens",
         ),
         (

