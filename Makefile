@@ -28,9 +28,10 @@ dev: $(STAMP)
 	$(BIN)/llmfleet dev --engine $(ENGINE) --port $(PORT)
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check common gateway worker tests bench
-	$(BIN)/ruff check common gateway worker tests bench
+	$(BIN)/ruff format --check common gateway worker llmfleet tests bench
+	$(BIN)/ruff check common gateway worker llmfleet tests bench
 	$(BIN)/mypy
+	$(BIN)/python -m tests.layers
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q

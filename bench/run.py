@@ -27,7 +27,7 @@ import nats
 from bench import client
 from bench.stack import MODEL_FOR, ROOT, Proc, Stack, cpu_seconds, rss_kb, wait_http
 from common import protocol as p
-from common.embedded import free_port
+from llmfleet.broker import free_port
 
 PHASES = ("latency", "throughput", "capacity", "memory", "overload")
 
@@ -217,7 +217,7 @@ def phase_overload(stack: Stack, smoke: bool) -> dict[str, Any]:
     port = free_port()
     gw = Proc(
         "gateway-overload",
-        [sys.executable, "-m", "common", "--log-level", "warning", "gateway", "--nats",
+        [sys.executable, "-m", "llmfleet", "--log-level", "warning", "gateway", "--nats",
          stack.nats.url, "--port", str(port), "--queue-timeout", "2", "--max-queue", "1000"],
         stack.tmp,
     )  # fmt: skip

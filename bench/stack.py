@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from common.embedded import EmbeddedNats, free_port
+from llmfleet.broker import EmbeddedNats, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,9 @@ class Stack:
         self.workers: dict[str, Proc] = {}
 
     def _llmfleet(self, name: str, *args: str) -> Proc:
-        p = Proc(name, [sys.executable, "-m", "common", "--log-level", "warning", *args], self.tmp)
+        p = Proc(
+            name, [sys.executable, "-m", "llmfleet", "--log-level", "warning", *args], self.tmp
+        )
         self.procs.append(p)
         return p
 

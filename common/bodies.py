@@ -18,6 +18,7 @@ from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, Storag
 from nats.js.object_store import ObjectStore
 
 from common.errors import InvalidRequest, ServiceUnavailable
+from common.natsconn import NATS_ERRORS
 
 BUCKET = "LLMFLEET_BODIES"
 
@@ -60,7 +61,7 @@ class BodyStore:
         meta = ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk))
         try:
             await (await self._store()).put(name, body, meta=meta)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except NATS_ERRORS as exc:
             raise ServiceUnavailable("Could not store the request body.") from exc
         return f"{BUCKET}/{name}"
 
@@ -72,7 +73,7 @@ class BodyStore:
             result = await (await self._store()).get(name)
         except nats.js.errors.NotFoundError as exc:
             raise InvalidRequest(f"The referenced body {ref!r} does not exist.") from exc
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except NATS_ERRORS as exc:
             raise ServiceUnavailable("Could not read the request body.") from exc
         return bytes(result.data or b"")
 
@@ -80,5 +81,5 @@ class BodyStore:
         _, _, name = ref.partition("/")
         try:
             await (await self._store()).delete(name)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+        except NATS_ERRORS:
             pass  # the bucket's TTL removes it

@@ -1,6 +1,8 @@
 """Connecting to NATS with the project's settings, and the nats-py pitfalls worked around.
 
-This module is the seam where nats errors enter llmfleet; callers see `FleetError`s.
+`NATS_ERRORS` is the one list of exceptions a NATS or JetStream call raises when the broker
+is unreachable, slow or refuses; each package translates them at its own seam (the gateway
+in `gateway/dispatch.py`, the body store in `common/bodies.py`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,16 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from common.bus import Bus
+
 log = logging.getLogger(__name__)
+
+NATS_ERRORS: tuple[type[Exception], ...] = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+"""What a NATS or JetStream call raises when the broker cannot serve it."""
 
 PING_INTERVAL_S = 2
 """Client ping interval: a dead or frozen server is noticed within ~2 pings (4-6 s)
@@ -99,9 +107,13 @@ async def connect(
     return nc
 
 
-async def flush(nc: NATS, wait_s: int = 5) -> None:
-    """A flush that really flushes: nats-py's PING can overtake buffered SUB/PUB commands."""
-    await nc._flush_pending(force_flush=True)
+async def flush(nc: Bus, wait_s: int = 5) -> None:
+    """A flush that really flushes: nats-py's PING can overtake buffered SUB/PUB commands.
+    (A bus with no client-side buffer, like the in-memory one, has nothing to flush.)"""
+    flush_pending = getattr(nc, "_flush_pending", None)
+    if flush_pending is None:
+        return
+    await flush_pending(force_flush=True)
     await nc.flush(timeout=wait_s)
 
 

@@ -175,6 +175,16 @@ def decode_control(data: bytes) -> Control:
     return _control_decoder.decode(data)
 
 
+def status_of(*, ready: bool, loading: bool, has_workers: bool) -> str:
+    """The model status vocabulary, one rule for the gateway's catalog (`/v1/models`) and
+    `llmfleet status`: a ready worker wins, then a loading one, then a draining one."""
+    if ready:
+        return "ready"
+    if loading:
+        return "loading"
+    return "draining" if has_workers else "unavailable"
+
+
 class ModelStatus(msgspec.Struct, omit_defaults=True):
     """One model on one worker. `loaded` is false while the worker is still loading it.
 

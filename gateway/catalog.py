@@ -20,7 +20,7 @@ import time
 import msgspec
 
 from common import protocol as p
-from common.fleetview import status_of
+from common.protocol import status_of
 
 
 class ModelEntry(msgspec.Struct, frozen=True):
@@ -137,27 +137,75 @@ def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
     )
 
 
+class Connection(msgspec.Struct, frozen=True):
+    """The gateway's own broker connection went down (False) or came back (True)."""
+
+    connected: bool
+
+
+CatalogEvent = p.WorkerAnnounce | Connection
+RECONNECT_HOLD_S = 2.0  # after a reconnect, workers get this long to announce again
+
+
+class CatalogState(msgspec.Struct, frozen=True):
+    """Everything the catalog knows; replaced whole by `advance`."""
+
+    table: dict[str, _Seen] = {}
+    live: CatalogSnapshot = EMPTY
+    gone: dict[str, tuple[ModelEntry, float]] = {}
+    connected: bool = True
+    hold_until: float = 0.0
+
+
+def advance(
+    state: CatalogState, event: CatalogEvent | None, now: float, grace_s: float
+) -> tuple[CatalogState, bool]:
+    """The catalog after `event` (None: a tick), and whether the snapshot changed (pure).
+
+    While cut off from the broker, and for `RECONNECT_HOLD_S` after a reconnect, nothing
+    expires: silence then says nothing about the workers.
+    """
+    connected, hold_until = state.connected, state.hold_until
+    if isinstance(event, Connection):
+        connected = event.connected
+        if connected:
+            hold_until = now + RECONNECT_HOLD_S
+    holding = not connected or now < hold_until
+    table = state.table if holding else expire(state.table, now)
+    if isinstance(event, p.WorkerAnnounce):
+        table = apply_announce(table, event, now)
+    if holding:  # keep everyone alive until they had a chance to announce again
+        table = {k: _Seen(v.announce, max(v.expires_at, now + 0.5)) for k, v in table.items()}
+    live = build_snapshot(table)
+    gone = remember_gone(state.gone, state.live, live, now, grace_s)
+    changed = (
+        table != state.table
+        or isinstance(event, p.WorkerAnnounce)
+        or gone.keys() != state.gone.keys()
+    )
+    return CatalogState(table, live, gone, connected, hold_until), changed
+
+
 class Catalog:
-    """Owner of the worker table. Feed it with `post_announce` (from the NATS callback)."""
+    """Owner of the worker table: `run()` is the one task that changes it. Feed it with
+    `post_announce` (heartbeat callback) and `post_connection` (connection callbacks)."""
 
     def __init__(self, tick_s: float = 0.5, model_grace_s: float = 30.0) -> None:
-        self._inbox: asyncio.Queue[p.WorkerAnnounce] = asyncio.Queue(maxsize=10_000)
-        self._table: dict[str, _Seen] = {}
-        self._live = EMPTY
-        self._gone: dict[str, tuple[ModelEntry, float]] = {}
+        self._inbox: asyncio.Queue[CatalogEvent] = asyncio.Queue(maxsize=10_000)
+        self._state = CatalogState()
         self.snapshot: CatalogSnapshot = EMPTY
         self._tick_s = tick_s
         self._grace_s = model_grace_s
         self.changed = asyncio.Event()
-        self.connected = True
-        self._hold_until = 0.0
 
-    def set_connected(self, connected: bool) -> None:
-        """Called on broker disconnect/reconnect: no expiry while cut off, and a grace of
-        one announcement interval after, so workers are not dropped for our own outage."""
-        self.connected = connected
-        if connected:
-            self._hold_until = time.monotonic() + 2.0
+    def post_connection(self, connected: bool) -> None:
+        """The broker connection changed. Never dropped: an announcement makes room."""
+        while True:
+            try:
+                self._inbox.put_nowait(Connection(connected))
+                return
+            except asyncio.QueueFull:
+                self._inbox.get_nowait()  # announcements repeat: the oldest is not missed
 
     def post_announce(self, data: bytes) -> None:
         try:
@@ -170,24 +218,12 @@ class Catalog:
 
     async def run(self) -> None:
         while True:
-            ev: p.WorkerAnnounce | None = None
+            ev: CatalogEvent | None = None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._tick_s):
                     ev = await self._inbox.get()
-            now = time.monotonic()
-            holding = not self.connected or now < self._hold_until
-            table = self._table if holding else expire(self._table, now)
-            if ev is not None:
-                table = apply_announce(table, ev, now)
-            if holding:  # keep everyone alive until they had a chance to announce again
-                table = {
-                    k: _Seen(v.announce, max(v.expires_at, now + 0.5)) for k, v in table.items()
-                }
-            live = build_snapshot(table)
-            gone = remember_gone(self._gone, self._live, live, now, self._grace_s)
-            changed = table != self._table or ev is not None or gone.keys() != self._gone.keys()
-            self._table, self._live, self._gone = table, live, gone
+            self._state, changed = advance(self._state, ev, time.monotonic(), self._grace_s)
             if changed:
-                self.snapshot = with_gone(live, gone)
+                self.snapshot = with_gone(self._state.live, self._state.gone)
                 self.changed.set()
                 self.changed = asyncio.Event()

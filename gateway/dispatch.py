@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 import msgspec
 import nats.errors
@@ -28,6 +27,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from common import names
 from common import protocol as p
 from common.bodies import BodyStore
+from common.bus import Bus, JetStream
 from common.errors import (
     FleetError,
     GatewayTimeout,
@@ -36,9 +36,10 @@ from common.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
-from common.natsconn import header_bytes
+from common.natsconn import NATS_ERRORS, header_bytes
 from common.telemetry import Telemetry, gen_ai_operation
 from gateway.mux import ReplyMux, ReplyQueue
+from gateway.stats import GatewayCounters
 from gateway.validate import Parsed
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class Submission:
                 late = None
             if isinstance(late, p.Accepted):
                 return self._on_first(late)
-            self._d.queue_timeouts += 1
+            self._d.counters.queue_timeouts += 1
             self._end_queue_span("queue_timeout")
             await self.close()  # from here on, a late `accepted` is cancelled at once
             if self.client_bound:
@@ -216,7 +217,7 @@ class Submission:
 
     async def _worker_lost(self) -> None:
         log.warning("request %s: worker %s stopped responding", self.request_id, self.worker)
-        self._d.workers_lost += 1
+        self._d.counters.workers_lost += 1
         if self.started:
             raise UpstreamError(
                 "The worker serving this request stopped responding mid-stream.",
@@ -235,7 +236,7 @@ class Submission:
                 retry_after=self._d.settings.retry_after_s,
             ) from None
         self._on_first(msg)
-        self._d.redelivered += 1
+        self._d.counters.redelivered += 1
 
     def has_pending(self) -> bool:
         """Reply messages are already waiting (the client can take several at once)."""
@@ -272,29 +273,21 @@ class _Transient(Exception):
 class Dispatcher:
     def __init__(
         self,
-        nc: Any,
-        js: Any,
+        nc: Bus,
+        js: JetStream,
         mux: ReplyMux,
         settings: DispatchSettings,
+        counters: GatewayCounters,
         bodies: BodyStore | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
         self.tel = telemetry or Telemetry.off()
+        self.counters = counters
         self.nc = nc
         self.js = js
         self.bodies = bodies
         self.mux = mux
         self.settings = settings
-        self.published = 0
-        self.rejected_full = 0
-        self.queue_timeouts = 0
-        self.workers_lost = 0
-        self.by_reference = 0
-        self.publish_retries = 0
-        self.resumed = 0
-        self.redelivered = 0
-        self.cancels_sent = 0  # cancel messages sent to workers (client gone, stream failed)
-        self.withdrawn = 0  # requests taken back out of the queue before a worker took them
 
     def _headers(
         self,
@@ -363,7 +356,7 @@ class Dispatcher:
                     request_id, payload, self.nc.max_payload
                 )
                 payload = b""
-                self.by_reference += 1
+                self.counters.by_reference += 1
             seq = await self._publish(subject, payload, headers)
         except BaseException as exc:
             self.mux.close(rq)
@@ -373,7 +366,7 @@ class Dispatcher:
                 span.set_status(Status(StatusCode.ERROR, err))
                 span.end()
             raise
-        self.published += 1
+        self.counters.published += 1
         sub = Submission(self, rq, request_id, seq)
         sub.traceparent, sub.timeout_s = traceparent, timeout_s
         sub.queue_span = span
@@ -396,7 +389,7 @@ class Dispatcher:
                     raise ServiceUnavailable(
                         "The request queue is unavailable.", retry_after=s.retry_after_s
                     ) from exc.__cause__
-                self.publish_retries += 1
+                self.counters.publish_retries += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
@@ -410,13 +403,13 @@ class Dispatcher:
         except nats.js.errors.APIError as exc:
             text = f"{exc.description or ''}".lower()
             if "maximum" in text or exc.err_code in (10077, 10078):
-                self.rejected_full += 1
+                self.counters.rejected_full += 1
                 raise RateLimited(
                     "This model's queue is full; retry later.",
                     retry_after=self.settings.retry_after_s,
                 ) from exc
             raise _Transient from exc
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        except NATS_ERRORS as exc:
             raise _Transient from exc
         return int(ack.seq)
 
@@ -436,7 +429,7 @@ class Dispatcher:
         """Take a not-yet-accepted request back out of the queue (best effort)."""
         try:
             await self.js.delete_msg(names.REQUEST_STREAM, sub.stream_seq)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+        except NATS_ERRORS:
             pass  # already delivered (its start-by time makes the worker drop it) or gone
 
     async def cancel(self, sub: Submission) -> None:
@@ -444,13 +437,13 @@ class Dispatcher:
         if sub.terminal:
             return
         if sub.worker is None:
-            self.withdrawn += 1
+            self.counters.withdrawn += 1
             await self.withdraw(sub)
             return
         await self.send_cancel(sub.worker, sub.request_id)
 
     async def send_cancel(self, worker: str, request_id: str) -> None:
-        self.cancels_sent += 1
+        self.counters.cancels_sent += 1
         if self.nc.is_connected:
             await self.nc.publish(
                 names.control_subject(worker), p.encode(p.Cancel(request_id=request_id))

@@ -15,12 +15,13 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import msgspec
 
 from common import names
 from common import protocol as p
+from common.bus import Bus, Msg, Subscription
+from gateway.stats import GatewayCounters
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,20 @@ class ReplyQueue:
 class ReplyMux:
     def __init__(
         self,
-        nc: Any,
+        nc: Bus,
         gateway_id: str,
         on_orphan_accepted: Callable[[p.Accepted], Awaitable[None]],
+        counters: GatewayCounters,
         queue_size: int = 4096,
     ) -> None:
+        self.counters = counters
         self._nc = nc
         self.prefix = f"{names.INBOX_ROOT}.gw.{gateway_id}"
         self._streams: dict[str, ReplyQueue] = {}
         self._ids = itertools.count(1)
         self._queue_size = queue_size
         self._on_orphan = on_orphan_accepted
-        self._sub: Any = None
-        self.orphans = 0
-        self.overflows = 0
+        self._sub: Subscription | None = None
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe(
@@ -80,7 +81,7 @@ class ReplyMux:
     def open_streams(self) -> int:
         return len(self._streams)
 
-    async def _on_msg(self, msg: Any) -> None:
+    async def _on_msg(self, msg: Msg) -> None:
         token = msg.subject[len(self.prefix) + 1 :]
         rq = self._streams.get(token)
         if rq is not None:
@@ -88,9 +89,9 @@ class ReplyMux:
                 rq.queue.put_nowait(msg.data)
             except asyncio.QueueFull:
                 rq.overflowed = True
-                self.overflows += 1
+                self.counters.overflows += 1
             return
-        self.orphans += 1
+        self.counters.orphans += 1
         if b'"accepted"' in msg.data:
             try:
                 reply = p.decode_reply(msg.data)

@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common.logs import ACCESS_LOGGER
+from common.natsconn import NATS_ERRORS
 from common.queue import QueueDepth, queue_depth, queued_models
 from common.telemetry import (
     DURATION_BUCKETS,
@@ -33,6 +32,7 @@ from common.telemetry import (
     Telemetry,
     gen_ai_operation,
 )
+from gateway.stats import GatewayStats
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -306,55 +306,60 @@ class GatewayMetrics:
                 # bounded number, since these names come from whoever may publish.
                 orphans = sorted(await queued_models(js) - wanted)
                 wanted.update(orphans[:MAX_ORPHAN_MODELS])
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            except NATS_ERRORS as exc:
                 log.debug("queued models: %s", exc)
             for model in sorted(wanted):
                 try:
                     self.queue[model] = await queue_depth(js, model)
-                except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                except NATS_ERRORS as exc:
                     log.debug("queue depth of %s: %s", model, exc)
             for gone in set(self.queue) - set(wanted):
                 del self.queue[gone]
             await asyncio.sleep(every_s)
 
 
-def observe_gateway(tel: Telemetry, *, stats: Any, dispatcher: Any, catalog: Any, nc: Any) -> None:
-    """Counters and gauges read at scrape time from state the gateway keeps anyway."""
-    d = dispatcher
+def observe_gateway(
+    tel: Telemetry, *, stats: Callable[[], GatewayStats], catalog: Any, nc: Any
+) -> None:
+    """Counters and gauges read at scrape time from the gateway's one stats snapshot."""
 
-    def one(read: Callable[[], float]) -> Callable[[], list[tuple[float, Mapping[str, Any]]]]:
-        return lambda: [(read(), {})]
+    def one(field: str) -> Callable[[], list[tuple[float, Mapping[str, Any]]]]:
+        return lambda: [(getattr(stats(), field), {})]
 
-    def by(label: str, **reads: Callable[[], float]) -> Callable[[], list[tuple[float, Any]]]:
-        return lambda: [(r(), {label: k}) for k, r in reads.items()]
+    def by(label: str, **fields: str) -> Callable[[], list[tuple[float, Any]]]:
+        def read() -> list[tuple[float, Any]]:
+            snap = stats()
+            return [(getattr(snap, f), {label: k}) for k, f in fields.items()]
+
+        return read
 
     tel.observe(
         "counter",
         "llmfleet.gateway.failovers",
         "{request}",
         "Requests continued on another worker: redelivered (before any output) or resumed",
-        by("llmfleet.failover.kind", redelivered=lambda: d.redelivered, resumed=lambda: d.resumed),
+        by("llmfleet.failover.kind", redelivered="redelivered", resumed="resumed"),
     )
     tel.observe(
         "counter",
         "llmfleet.gateway.workers_lost",
         "{worker}",
         "Workers given up on while serving a request (no responders or stalled)",
-        one(lambda: d.workers_lost),
+        one("workers_lost"),
     )
     tel.observe(
         "counter",
         "llmfleet.gateway.cancellations",
         "{request}",
         "Requests the gateway stopped: cancel sent to the worker, or withdrawn from the queue",
-        by("llmfleet.cancel.kind", worker=lambda: d.cancels_sent, queued=lambda: d.withdrawn),
+        by("llmfleet.cancel.kind", worker="cancels_sent", queued="withdrawn"),
     )
     tel.observe(
         "counter",
         "llmfleet.gateway.client_disconnects",
         "{request}",
         "HTTP clients that left before their answer was complete",
-        one(lambda: stats.disconnects),
+        one("disconnects"),
     )
     tel.observe(
         "counter",
@@ -363,8 +368,8 @@ def observe_gateway(tel: Telemetry, *, stats: Any, dispatcher: Any, catalog: Any
         "Requests refused by the queue: full (429) or not accepted in time (503)",
         by(
             "llmfleet.queue.reason",
-            queue_full=lambda: d.rejected_full,
-            queue_timeout=lambda: d.queue_timeouts,
+            queue_full="rejected_full",
+            queue_timeout="queue_timeouts",
         ),
     )
     tel.observe(
@@ -372,21 +377,21 @@ def observe_gateway(tel: Telemetry, *, stats: Any, dispatcher: Any, catalog: Any
         "llmfleet.gateway.publish.retries",
         "{retry}",
         "JetStream publishes retried while the broker reconnected or elected a leader",
-        one(lambda: d.publish_retries),
+        one("publish_retries"),
     )
     tel.observe(
         "counter",
         "llmfleet.gateway.stream.overflows",
         "{request}",
         "Reply streams that overflowed the gateway's per-request buffer",
-        one(lambda: d.mux.overflows),
+        one("overflows"),
     )
     tel.observe(
         "counter",
         "llmfleet.nats.reconnects",
         "{reconnect}",
         "Reconnections of this process's NATS connection",
-        one(lambda: int(nc.stats.get("reconnects", 0))),
+        lambda: [(int(nc.stats.get("reconnects", 0)), {})],
     )
 
     def fleet(field: str) -> Callable[[], list[tuple[float, Mapping[str, Any]]]]:

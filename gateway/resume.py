@@ -146,7 +146,7 @@ class ResumingReplies:
         await sub.first()
         self._base, self._in_current = tokens, 0
         self.current = sub
-        self._d.resumed += 1
+        self._d.counters.resumed += 1
 
     async def close(self) -> None:
         for sub in self._extra:

@@ -20,7 +20,7 @@ import uvicorn
 from common import __version__, names
 from common import protocol as p
 from common.bodies import BodySettings, BodyStore
-from common.natsconn import close, connect, flush, jetstream
+from common.natsconn import NATS_ERRORS, close, connect, flush, jetstream
 from common.queue import QueueSettings, ensure_stream
 from common.telemetry import Telemetry
 from gateway.app import GatewayApp
@@ -28,6 +28,7 @@ from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher, DispatchSettings
 from gateway.mux import ReplyMux
 from gateway.observe import observe_gateway
+from gateway.stats import GatewayCounters
 from gateway.validate import Limits
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,31 @@ class GatewaySettings(msgspec.Struct, frozen=True):
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the composition root decides when to stop."""
+    """uvicorn without its own signal handling: the composition root decides when to stop.
+    `wait_started` is woken by uvicorn's own startup (no polling)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._up = asyncio.Event()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets)
+        finally:
+            self._up.set()  # listening, or failed (then `started` stays False)
+
+    async def wait_started(self, serving: asyncio.Task[None]) -> bool:
+        """True once uvicorn listens; False if it could not (`serving` ended first)."""
+        up = asyncio.ensure_future(self._up.wait())
+        try:
+            await asyncio.wait({up, serving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
+        return bool(self.started)
 
 
 class Gateway:
@@ -74,12 +95,13 @@ class Gateway:
         self._stop = asyncio.Event()
         self.app: GatewayApp | None = None
         self.port: int | None = None
+        self.counters = GatewayCounters()
         self._started = time.monotonic()
         self._host = socket.gethostname()
 
     def announcement(self, catalog: Catalog, state: str) -> p.GatewayAnnounce:
         """This gateway for operators: `llmfleet.gwhb.<gateway>` (see common/protocol.py)."""
-        st = self.app.stats if self.app is not None else None
+        st = self.counters.snapshot()
         return p.GatewayAnnounce(
             gateway=self.gateway_id,
             host=self._host,
@@ -88,11 +110,11 @@ class Gateway:
             ttl_s=self.settings.announce_s * 3.5,
             uptime_s=round(time.monotonic() - self._started, 3),
             listen=f"{self.settings.host}:{self.port}",
-            requests=st.requests if st else 0,
-            in_flight=st.in_flight if st else 0,
-            ok=st.ok if st else 0,
-            client_errors=st.client_errors if st else 0,
-            server_errors=st.server_errors if st else 0,
+            requests=st.requests,
+            in_flight=st.in_flight,
+            ok=st.ok,
+            client_errors=st.client_errors,
+            server_errors=st.server_errors,
             workers=len(catalog.snapshot.workers),
         )
 
@@ -115,12 +137,12 @@ class Gateway:
         catalog = Catalog(model_grace_s=s.model_grace_s)
 
         async def on_disconnect() -> None:
-            catalog.set_connected(False)
+            catalog.post_connection(False)
 
         async def on_reconnect() -> None:
             # A restarted broker may have lost the (memory) stream; workers re-create
             # their consumers, and a discover round refreshes the catalog at once.
-            catalog.set_connected(True)
+            catalog.post_connection(True)
             await nc.publish(names.DISCOVER_SUBJECT, b"")
             await ensure_stream(jetstream(nc), s.queue, update=True)
 
@@ -141,25 +163,56 @@ class Gateway:
     async def _serve(
         self, nc: Any, js: Any, catalog: Catalog, ready: asyncio.Future[None] | None
     ) -> None:
+        """Build the parts, serve HTTP until stopped, then drain: phases in order."""
         s = self.settings
-        dispatcher: Dispatcher | None = None
+        mux, hb = await self._subscribe(nc, catalog)
+        self.app = self._build_app(nc, js, mux, catalog)
+        server = _Server(self._uvicorn_config(self.app))
+        async with asyncio.TaskGroup() as tg:
+            background = [tg.create_task(catalog.run())]
+            if self.telemetry.metrics and s.queue_poll_s > 0:
+                models = lambda: list(catalog.snapshot.models)  # noqa: E731
+                background.append(
+                    tg.create_task(self.app.metrics.poll_queues(js, models, s.queue_poll_s))
+                )
+            await self._discover(nc, catalog)
+            srv_task = tg.create_task(server.serve())
+            if await server.wait_started(srv_task):
+                await self._until_stopped(nc, catalog, server, srv_task, ready)
+            await srv_task
+            if server.started:
+                await self._announce(nc, catalog, "stopped")
+            for task in background:
+                task.cancel()
+            await hb.unsubscribe()
+            await mux.stop()
+        if not server.started:
+            raise OSError(f"could not serve HTTP on {s.host}:{s.port}")
+
+    async def _subscribe(self, nc: Any, catalog: Catalog) -> tuple[ReplyMux, Any]:
+        """The reply inbox and the worker announcements, subscribed before anything runs."""
 
         async def on_orphan(acc: p.Accepted) -> None:
-            if dispatcher is not None:
-                await dispatcher.send_cancel(acc.worker, acc.request_id)
+            if self.app is not None:
+                await self.app.dispatcher.send_cancel(acc.worker, acc.request_id)
 
         async def on_heartbeat(msg: Any) -> None:
             catalog.post_announce(msg.data)
 
-        mux = ReplyMux(nc, self.gateway_id, on_orphan)
+        mux = ReplyMux(nc, self.gateway_id, on_orphan, self.counters)
         await mux.start()
         hb = await nc.subscribe(names.HEARTBEAT_PREFIX + "*", cb=on_heartbeat)
         await flush(nc)
+        return mux, hb
+
+    def _build_app(self, nc: Any, js: Any, mux: ReplyMux, catalog: Catalog) -> GatewayApp:
+        s = self.settings
         dispatcher = Dispatcher(
             nc,
             js,
             mux,
             s.dispatch,
+            self.counters,
             BodyStore(js, BodySettings(replicas=s.queue.replicas)),
             telemetry=self.telemetry,
         )
@@ -169,11 +222,11 @@ class Gateway:
                 return False
             try:
                 await js.account_info()
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            except NATS_ERRORS:
                 return False
             return True
 
-        self.app = GatewayApp(
+        app = GatewayApp(
             dispatcher=dispatcher,
             catalog=catalog,
             limits=s.limits,
@@ -185,10 +238,17 @@ class Gateway:
             telemetry=self.telemetry,
         )
         observe_gateway(
-            self.telemetry, stats=self.app.stats, dispatcher=dispatcher, catalog=catalog, nc=nc
+            self.telemetry,
+            stats=lambda: self.counters.snapshot(mux.open_streams),
+            catalog=catalog,
+            nc=nc,
         )
-        config = uvicorn.Config(
-            self.app,
+        return app
+
+    def _uvicorn_config(self, app: GatewayApp) -> uvicorn.Config:
+        s = self.settings
+        return uvicorn.Config(
+            app,
             host=s.host,
             port=s.port,
             http="httptools",
@@ -200,50 +260,42 @@ class Gateway:
             timeout_graceful_shutdown=int(s.shutdown_grace_s),
             backlog=4096,
         )
-        server = _Server(config)
+
+    async def _discover(self, nc: Any, catalog: Catalog) -> None:
+        """Ask every worker to announce, and give the answers a moment to arrive, so the
+        first requests do not see an empty catalog."""
+        await nc.publish(names.DISCOVER_SUBJECT, b"")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.discover_wait_s):
+                await catalog.changed.wait()
+
+    async def _until_stopped(
+        self,
+        nc: Any,
+        catalog: Catalog,
+        server: _Server,
+        srv_task: asyncio.Task[None],
+        ready: asyncio.Future[None] | None,
+    ) -> None:
+        """Serving: announce, answer discovers, until a stop (or uvicorn quits); then
+        announce `draining` and let uvicorn finish the open streams."""
+        self.port = server.servers[0].sockets[0].getsockname()[1]
+        log.info(
+            "gateway %s serving on http://%s:%s", self.gateway_id, self.settings.host, self.port
+        )
+
+        async def on_discover(msg: Any) -> None:
+            await self._announce(nc, catalog)
+
+        disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=on_discover)
         async with asyncio.TaskGroup() as tg:
-            cat_task = tg.create_task(catalog.run())
-            poll_task = None
-            if self.telemetry.metrics and s.queue_poll_s > 0:
-                poll_task = tg.create_task(
-                    self.app.metrics.poll_queues(
-                        js, lambda: list(catalog.snapshot.models), s.queue_poll_s
-                    )
-                )
-            await nc.publish(names.DISCOVER_SUBJECT, b"")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(s.discover_wait_s):
-                    await catalog.changed.wait()
-            srv_task = tg.create_task(server.serve())
-            while not server.started:
-                if srv_task.done():
-                    break
-                await asyncio.sleep(0.01)
-            if server.started:
-                self.port = server.servers[0].sockets[0].getsockname()[1]
-                log.info("gateway %s serving on http://%s:%s", self.gateway_id, s.host, self.port)
-
-                async def on_discover(msg: Any) -> None:
-                    await self._announce(nc, catalog)
-
-                disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=on_discover)
-                beats = tg.create_task(self._announce_every(nc, catalog))
-                if ready is not None:
-                    ready.set_result(None)
-                stop = tg.create_task(self._stop.wait())
-                await asyncio.wait({stop, srv_task}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                beats.cancel()
-                await disc.unsubscribe()
-                await self._announce(nc, catalog, "draining")  # open streams may finish
-                server.should_exit = True
-            await srv_task
-            if server.started:
-                await self._announce(nc, catalog, "stopped")
-            cat_task.cancel()
-            if poll_task is not None:
-                poll_task.cancel()
-            await hb.unsubscribe()
-            await mux.stop()
-        if not server.started:
-            raise OSError(f"could not serve HTTP on {s.host}:{s.port}")
+            beats = tg.create_task(self._announce_every(nc, catalog))
+            if ready is not None:
+                ready.set_result(None)
+            stop = tg.create_task(self._stop.wait())
+            await asyncio.wait({stop, srv_task}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            beats.cancel()
+        await disc.unsubscribe()
+        await self._announce(nc, catalog, "draining")  # open streams may finish
+        server.should_exit = True

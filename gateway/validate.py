@@ -89,75 +89,76 @@ def parse(op: str, body: bytes, limits: Limits, default_model: str | None = None
 
     A body without `model` goes to `default_model` (rewritten to name it), else is a 400.
     """
+    check = {"chat": _parse_chat, "completion": _parse_completion}.get(op, _parse_embedding)
     try:
-        match op:
-            case "chat":
-                chat = CHAT_DECODER.decode(body)
-                model, body = _model(chat.model, body, default_model)
-                _check_common(chat.choices(), chat.stop, limits)
-                _check_stream_options(chat.stream, chat.stream_options is not None)
-                if not chat.messages:
-                    raise InvalidRequest("'messages' must not be empty.", param="messages")
-                if len(chat.messages) > limits.max_messages:
-                    raise InvalidRequest(
-                        f"'messages' allows at most {limits.max_messages} items.",
-                        param="messages",
-                    )
-                for i, m in enumerate(chat.messages):
-                    if m.content is None and m.role in _CONTENT_REQUIRED:
-                        raise InvalidRequest(
-                            f"'messages[{i}].content' is required for role '{m.role}'.",
-                            param=f"messages[{i}].content",
-                        )
-                _check_tokens(chat.max_tokens, "max_tokens", limits)
-                _check_tokens(chat.max_completion_tokens, "max_completion_tokens", limits)
-                usage = chat.streaming() and chat.wants_usage()
-                return Parsed("chat", model, chat.streaming(), usage, chat.choices(), body)
-            case "completion":
-                comp = COMPLETION_DECODER.decode(body)
-                model, body = _model(comp.model, body, default_model)
-                if comp.best_of and comp.best_of < comp.choices():
-                    raise InvalidRequest(
-                        "'best_of' must be greater than or equal to 'n'.", param="best_of"
-                    )
-                wide = (comp.best_of or 0) > comp.choices()
-                _check_common(comp.candidates(), comp.stop, limits, "best_of" if wide else "n")
-                _check_stream_options(comp.stream, comp.stream_options is not None)
-                _check_tokens(comp.max_tokens, "max_tokens", limits)
-                try:
-                    prompts = prompt_texts(comp.prompt)
-                except ValueError as exc:
-                    raise InvalidRequest(f"'prompt' {exc}.", param="prompt") from exc
-                if len(prompts) > limits.max_prompts:
-                    raise InvalidRequest(
-                        f"'prompt' allows at most {limits.max_prompts} prompts.", param="prompt"
-                    )
-                if len(prompts) * comp.candidates() > limits.max_choices:
-                    raise InvalidRequest(
-                        f"At most {limits.max_choices} choices (prompts x max(n, best_of)) "
-                        "per request.",
-                        param="best_of" if wide else "n",
-                    )
-                total = len(prompts) * comp.choices()
-                usage = comp.streaming() and comp.wants_usage()
-                return Parsed("completion", model, comp.streaming(), usage, total, body)
-            case _:
-                emb = EMBEDDING_DECODER.decode(body)
-                model, body = _model(emb.model, body, default_model)
-                _check_common(1, None, limits)
-                try:
-                    inputs = prompt_texts(emb.input)
-                except ValueError as exc:
-                    raise InvalidRequest(f"'input' {exc}.", param="input") from exc
-                if len(inputs) > limits.max_embedding_inputs:
-                    raise InvalidRequest(
-                        f"'input' allows at most {limits.max_embedding_inputs} items.",
-                        param="input",
-                    )
-                if any(isinstance(t, str) and not t for t in inputs):
-                    raise InvalidRequest("'input' must not contain empty strings.", param="input")
-                return Parsed("embedding", model, False, False, 1, body)
+        return check(body, limits, default_model)
     except msgspec.DecodeError as exc:
         raise _decode_failure(exc) from exc
     except UnicodeDecodeError as exc:
         raise InvalidRequest("Request body is not valid UTF-8.") from exc
+
+
+def _parse_chat(body: bytes, limits: Limits, default_model: str | None) -> Parsed:
+    chat = CHAT_DECODER.decode(body)
+    model, body = _model(chat.model, body, default_model)
+    _check_common(chat.choices(), chat.stop, limits)
+    _check_stream_options(chat.stream, chat.stream_options is not None)
+    if not chat.messages:
+        raise InvalidRequest("'messages' must not be empty.", param="messages")
+    if len(chat.messages) > limits.max_messages:
+        raise InvalidRequest(
+            f"'messages' allows at most {limits.max_messages} items.", param="messages"
+        )
+    for i, m in enumerate(chat.messages):
+        if m.content is None and m.role in _CONTENT_REQUIRED:
+            raise InvalidRequest(
+                f"'messages[{i}].content' is required for role '{m.role}'.",
+                param=f"messages[{i}].content",
+            )
+    _check_tokens(chat.max_tokens, "max_tokens", limits)
+    _check_tokens(chat.max_completion_tokens, "max_completion_tokens", limits)
+    usage = chat.streaming() and chat.wants_usage()
+    return Parsed("chat", model, chat.streaming(), usage, chat.choices(), body)
+
+
+def _parse_completion(body: bytes, limits: Limits, default_model: str | None) -> Parsed:
+    comp = COMPLETION_DECODER.decode(body)
+    model, body = _model(comp.model, body, default_model)
+    if comp.best_of and comp.best_of < comp.choices():
+        raise InvalidRequest("'best_of' must be greater than or equal to 'n'.", param="best_of")
+    n_param = "best_of" if (comp.best_of or 0) > comp.choices() else "n"
+    _check_common(comp.candidates(), comp.stop, limits, n_param)
+    _check_stream_options(comp.stream, comp.stream_options is not None)
+    _check_tokens(comp.max_tokens, "max_tokens", limits)
+    prompts = _batch(comp.prompt, "prompt", limits.max_prompts, "prompts")
+    if len(prompts) * comp.candidates() > limits.max_choices:
+        raise InvalidRequest(
+            f"At most {limits.max_choices} choices (prompts x max(n, best_of)) per request.",
+            param=n_param,
+        )
+    total = len(prompts) * comp.choices()
+    usage = comp.streaming() and comp.wants_usage()
+    return Parsed("completion", model, comp.streaming(), usage, total, body)
+
+
+def _parse_embedding(body: bytes, limits: Limits, default_model: str | None) -> Parsed:
+    emb = EMBEDDING_DECODER.decode(body)
+    model, body = _model(emb.model, body, default_model)
+    _check_common(1, None, limits)
+    inputs = _batch(emb.input, "input", limits.max_embedding_inputs, "items")
+    if any(isinstance(t, str) and not t for t in inputs):
+        raise InvalidRequest("'input' must not contain empty strings.", param="input")
+    return Parsed("embedding", model, False, False, 1, body)
+
+
+def _batch(
+    value: str | list[str | int | list[int]], param: str, most: int, what: str
+) -> list[str] | list[list[int]]:
+    """A prompt or embedding input as a batch, at most `most` long."""
+    try:
+        items = prompt_texts(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"'{param}' {exc}.", param=param) from exc
+    if len(items) > most:
+        raise InvalidRequest(f"'{param}' allows at most {most} {what}.", param=param)
+    return items

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nats
 
-from common.embedded import EmbeddedNats, free_port
+from llmfleet.broker import EmbeddedNats, free_port
 
 
 class NatsCluster:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from common.embedded import EmbeddedNats
+from llmfleet.broker import EmbeddedNats
 from tests.procs import Fleet
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from common.embedded import free_port, wait_for_port
+from llmfleet.broker import free_port, wait_for_port
 
 
 class Proc:
@@ -24,7 +24,7 @@ class Proc:
         env = {k: v for k, v in env.items() if not k.startswith("LLMFLEET_")}
         self._log = log_path.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "common", "--log-level", "info", *args],
+            [sys.executable, "-m", "llmfleet", "--log-level", "info", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,

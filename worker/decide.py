@@ -11,10 +11,26 @@ from common.protocol import ChoiceDelta
 
 
 class RunnerState(enum.Enum):
+    """The lifecycle of a worker and of each of its model runners (announced as `.value`)."""
+
     STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
     STOPPED = "stopped"
+
+
+_NEXT = {
+    RunnerState.STARTING: {RunnerState.READY, RunnerState.DRAINING},
+    RunnerState.READY: {RunnerState.DRAINING},
+    RunnerState.DRAINING: {RunnerState.STOPPED},
+    RunnerState.STOPPED: set(),
+}
+
+
+def transition(current: RunnerState, wanted: RunnerState) -> RunnerState:
+    """The state after asking for `wanted`: lifecycles only move forward (a drain asked
+    for while starting skips `ready`; asking again for a state already left is a no-op)."""
+    return wanted if wanted in _NEXT[current] else current
 
 
 MAX_OPEN_PULLS = 64
@@ -45,7 +61,6 @@ class Admission(enum.Enum):
     RUN = "run"
     NAK = "nak"  # give it back at once: another worker (or this one later) takes it
     EXPIRED = "expired"  # its start-by time passed while it waited: drop without running
-    REJECT = "reject"  # unreadable: drop and report an error to the requester
     POISON = "poison"  # delivered too often (it kills workers?): drop with an error
 
 
@@ -61,11 +76,10 @@ def admit(
     max_concurrency: int,
     start_by_ms: int | None,
     now_ms: int,
-    readable: bool,
     delivered: int = 1,
 ) -> Admission:
-    if not readable:
-        return Admission.REJECT
+    """What to do with a delivered request (an unreadable one never gets here: the runner
+    terminates it when it cannot read it)."""
     if delivered > MAX_DELIVERIES:
         return Admission.POISON
     if state is not RunnerState.READY or running >= max_concurrency:

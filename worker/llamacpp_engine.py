@@ -254,62 +254,18 @@ class LlamaCppEngine:
             body["max_tokens"] = 1
             body.pop("max_completion_tokens", None)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[UpChunk | _End | _Fail] = asyncio.Queue()
-        stop = threading.Event()
-        room = threading.Semaphore(_QUEUE)
-
-        def put(item: UpChunk | _End | _Fail) -> None:
-            while not room.acquire(timeout=0.1):  # wait for the consumer, unless it left
-                if stop.is_set():
-                    return
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def on_chunk(chunk: Any) -> bool:
-            if stop.is_set():
-                return True
-            item: UpChunk | _Fail
-            if isinstance(chunk, dict) and "error" in chunk:
-                item = _Fail(engine_error(chunk["error"]))
-            else:
-                try:
-                    item = msgspec.convert(chunk, UpChunk)
-                except msgspec.ValidationError as exc:
-                    item = _Fail(UpstreamError(f"llama.cpp sent an unreadable chunk: {exc}"))
-            put(item)
-            return stop.is_set()
-
-        def generate() -> None:
-            try:
-                result = call(body, on_chunk)
-                if isinstance(result, dict) and "error" in result:
-                    put(_Fail(engine_error(result["error"])))
-                else:
-                    put(_End())
-            except BaseException as exc:  # reported to the consumer, never lost in the pool
-                put(_Fail(exc))
-
-        future = loop.run_in_executor(self._pool, generate)
+        bridge = _Bridge(loop)
+        future = loop.run_in_executor(self._pool, bridge.generate, call, body)
         usage: Usage | None = None
         try:
-            while True:
-                item = await queue.get()
-                room.release()
-                if isinstance(item, _End):
-                    break
-                if isinstance(item, _Fail):
-                    exc = item.exc
-                    if isinstance(exc, (EngineError, UpstreamError)):
-                        raise exc
-                    raise UpstreamError(f"llama.cpp failed: {exc}") from exc
-                if item.usage is not None:
-                    usage = up_usage(item.usage)
-                if limit == 0:
-                    continue
-                out = chunk_output(item)
+            async for chunk in bridge.chunks():
+                if chunk.usage is not None:
+                    usage = up_usage(chunk.usage)
+                out = None if limit == 0 else chunk_output(chunk)
                 if out is not None:
                     yield out
         finally:
-            stop.set()
+            bridge.close()
             await asyncio.shield(asyncio.wait([future]))
         if usage is None:
             raise UpstreamError("llama.cpp ended the stream without usage")
@@ -321,3 +277,70 @@ class LlamaCppEngine:
                 total_tokens=usage.prompt_tokens,
             )
         yield usage
+
+
+class _Bridge:
+    """Carries one request's chunks from llama.cpp's thread to the event loop.
+
+    The thread side (`generate`, and `on_chunk`, llama.cpp's callback) blocks while `_QUEUE`
+    chunks wait for the consumer; `close()` (the consumer left or was cancelled) makes the
+    callback return True, which stops the sequence at its next token.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[UpChunk | _End | _Fail] = asyncio.Queue()
+        self._stop = threading.Event()
+        self._room = threading.Semaphore(_QUEUE)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # ---- thread side ---------------------------------------------------------------------
+
+    def _put(self, item: UpChunk | _End | _Fail) -> None:
+        while not self._room.acquire(timeout=0.1):  # wait for the consumer, unless it left
+            if self._stop.is_set():
+                return
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def on_chunk(self, chunk: Any) -> bool:
+        if self._stop.is_set():
+            return True
+        item: UpChunk | _Fail
+        if isinstance(chunk, dict) and "error" in chunk:
+            item = _Fail(engine_error(chunk["error"]))
+        else:
+            try:
+                item = msgspec.convert(chunk, UpChunk)
+            except msgspec.ValidationError as exc:
+                item = _Fail(UpstreamError(f"llama.cpp sent an unreadable chunk: {exc}"))
+        self._put(item)
+        return self._stop.is_set()
+
+    def generate(
+        self, call: Callable[[dict[str, Any], Callable[[Any], bool]], Any], body: dict[str, Any]
+    ) -> None:
+        try:
+            result = call(body, self.on_chunk)
+            if isinstance(result, dict) and "error" in result:
+                self._put(_Fail(engine_error(result["error"])))
+            else:
+                self._put(_End())
+        except BaseException as exc:  # reported to the consumer, never lost in the pool
+            self._put(_Fail(exc))
+
+    # ---- event-loop side -----------------------------------------------------------------
+
+    async def chunks(self) -> AsyncIterator[UpChunk]:
+        """The chunks until llama.cpp returns; raises the error it reported."""
+        while True:
+            item = await self._queue.get()
+            self._room.release()
+            if isinstance(item, _End):
+                return
+            if isinstance(item, _Fail):
+                if isinstance(item.exc, (EngineError, UpstreamError)):
+                    raise item.exc
+                raise UpstreamError(f"llama.cpp failed: {item.exc}") from item.exc
+            yield item

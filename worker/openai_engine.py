@@ -44,11 +44,11 @@ from common.errors import (
     ServiceUnavailable,
     UpstreamError,
 )
-from common.httppool import ShardedClient
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.protocol import ChoiceDelta, Usage
 from common.telemetry import UPSTREAM_TRACEPARENT
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
+from worker.httppool import ShardedClient
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ one pull and the count of open pulls is exact. Running jobs plus open pulls neve
 `max_concurrency`: every request beyond that waits in the broker, where any worker with
 a free slot takes the next one (fleet-wide FIFO per model).
 
-Events (bounded inbox): Delivered, PullEnded, JobFinished, CancelJob, Tick, Drain.
-Effects go through `nc.publish` only (pull requests, acks, naks, replies).
+Events (bounded inbox): Delivered, PullEnded, JobFinished, CancelJob, ListenerGone, Tick,
+Drain, Reconnected. Effects go through the bus (`common.bus.Bus`): `publish` only (pull
+requests, acks, naks, replies), so the accounting is unit-tested on the in-memory bus.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import msgspec
 from common import names
 from common import protocol as p
 from common.bodies import BodyStore
+from common.bus import Bus
 from common.errors import GatewayTimeout, InvalidRequest, UpstreamError
 from common.natsconn import flush
 from worker.decide import Admission, RunnerState, admit, parse_ack_subject, pull_batch
@@ -115,7 +117,7 @@ class ModelRunner:
         model_id: str,
         engine: Engine,
         max_concurrency: int,
-        nc: Any,
+        nc: Bus,
         worker_id: str,
         settings: RunnerSettings | None = None,
         bodies: BodyStore | None = None,
@@ -160,8 +162,9 @@ class ModelRunner:
         try:
             self._inbox.put_nowait(ev)
         except asyncio.QueueFull:
-            # Bounded by credits, so overflow means a bug. A dropped delivery is not lost:
-            # it was never acked, so the broker redelivers it after ack_wait.
+            # Bounded by credits, so overflow means a bug (or a flood of cancels). A dropped
+            # delivery is not lost (never acked: the broker redelivers it after ack_wait),
+            # but a dropped JobFinished would leak its slot: issue 12 makes those undroppable.
             log.error("runner %s inbox full; dropped %s", self.model_id, type(ev).__name__)
 
     def stats(self) -> RunnerStats:
@@ -319,7 +322,6 @@ class ModelRunner:
             max_concurrency=self.max_concurrency,
             start_by_ms=spec.start_by_ms,
             now_ms=p.now_ms(),
-            readable=True,
             delivered=info.delivered if info is not None else 1,
         )
         match decision:
@@ -334,8 +336,6 @@ class ModelRunner:
                     spec.reply,
                     GatewayTimeout("The request waited in the queue past its start-by time."),
                 )
-            case Admission.REJECT:
-                await self._nc.publish(msg.reply, b"+TERM")
             case Admission.POISON:
                 await self._nc.publish(msg.reply, b"+TERM")
                 await send_rejection(

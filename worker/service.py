@@ -24,6 +24,7 @@ from common.bodies import BodySettings, BodyStore
 from common.natsconn import close, connect, flush, jetstream
 from common.queue import QueueSettings, ensure_consumer, ensure_stream
 from common.telemetry import Telemetry, serve_metrics
+from worker.decide import RunnerState, transition
 from worker.engine import Engine
 from worker.micro import start_service
 from worker.observe import WorkerMetrics, observe_worker
@@ -68,7 +69,7 @@ class Worker:
         self.worker_id = names.check_worker_id(settings.worker_id or default_worker_id())
         self.models = models
         self.runners: list[ModelRunner] = []
-        self.state = "starting"
+        self.state = RunnerState.STARTING
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self.host = socket.gethostname()
@@ -116,7 +117,7 @@ class Worker:
             worker=self.worker_id,
             host=self.host,
             version=__version__,
-            state=self.state,
+            state=self.state.value,
             ttl_s=self.settings.heartbeat_s * 3.5,
             started_at=self.started_at,
             models=models,
@@ -170,8 +171,7 @@ class Worker:
         await self._announce()
 
     def request_drain(self) -> None:
-        if self.state in ("starting", "ready"):
-            self.state = "draining"
+        self.state = transition(self.state, RunnerState.DRAINING)
         self._stop.set()
 
     async def run(self, ready: asyncio.Future[None] | None = None) -> None:
@@ -285,8 +285,7 @@ class Worker:
                     runner_tasks.append(tg.create_task(runner.run(started)))
                     await started
                     self.runners.append(runner)
-                if not self._stop.is_set():
-                    self.state = "ready"
+                self.state = transition(self.state, RunnerState.READY)  # not if draining
                 await self._announce()
                 log.info(
                     "worker %s ready: %s",
@@ -300,7 +299,7 @@ class Worker:
             elif not self.failed:
                 starting.cancel()
                 log.info("worker %s stopped while starting", self.worker_id)
-            self.state = "draining"
+            self.state = transition(self.state, RunnerState.DRAINING)
             await self._announce()
             for r in self.runners:
                 r.drain(s.drain_grace_s)
@@ -308,7 +307,7 @@ class Worker:
             await svc.stop()
             await disc.unsubscribe()
             await ctl.unsubscribe()
-            self.state = "stopped"
+            self.state = transition(self.state, RunnerState.STOPPED)
             beats.cancel()
             if metrics_task is not None:
                 metrics_task.cancel()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.embedded import find_binary, free_port, wait_for_port
+from llmfleet.broker import find_binary, free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 NATS_DIR = REPO / "deploy" / "nats"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from common import names
-from common.cli import build_parser
+from llmfleet.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"

@@ -406,7 +406,7 @@ async def test_admin_reads_queues_and_services(roles: Roles, hub: Hub) -> None:
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMFLEET_")}
     return subprocess.run(
-        [sys.executable, "-m", "common", *args],
+        [sys.executable, "-m", "llmfleet", *args],
         capture_output=True,
         text=True,
         timeout=60,

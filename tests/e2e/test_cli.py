@@ -14,14 +14,14 @@ import httpx
 import nats
 import openai
 
-from common.embedded import free_port, wait_for_port
+from llmfleet.broker import free_port, wait_for_port
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMFLEET_")}
     with log.open("wb") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "common", *args],
+            [sys.executable, "-m", "llmfleet", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**env, "PYTHONUNBUFFERED": "1"},

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from common.embedded import free_port, wait_for_port
+from llmfleet.broker import free_port, wait_for_port
 
 ASK = [{"role": "user", "content": "Hello"}]
 
@@ -38,7 +38,7 @@ class Dev:
                 [
                     sys.executable,
                     "-m",
-                    "common",
+                    "llmfleet",
                     "dev",
                     *args,
                     "--port",
@@ -160,7 +160,7 @@ def test_sigkill_of_llmfleet_nats_frees_its_port(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMFLEET_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common", "nats", "--port", str(port)],
+        [sys.executable, "-m", "llmfleet", "nats", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,

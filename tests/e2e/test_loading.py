@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from common.embedded import free_port, wait_for_port
+from llmfleet.broker import free_port, wait_for_port
 from tests.procs import Fleet
 
 MODEL = "late-model"

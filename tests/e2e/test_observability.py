@@ -19,10 +19,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.embedded import free_port
 from common.telemetry import Telemetry
 from gateway.server import Gateway as GatewayService
 from gateway.server import GatewaySettings
+from llmfleet.broker import free_port
 from tests.natshelp import connected, publish_request, request_headers
 from tests.procs import Fleet, Gateway, Proc
 from tests.upstream_server import RunningServer, ServerSettings

@@ -10,12 +10,14 @@ import json
 import struct
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
 from tests.procs import Fleet, Gateway, upstream_process
+from tests.sse import sse_events
 
 SIM = "sim/model:1.0"  # a model id with '/', ':' and '.' on purpose
 UP = "up-model"
@@ -145,11 +147,10 @@ def test_raw_sse_framing(gw: Gateway) -> None:
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-llmfleet-worker"]
         raw = b"".join(r.iter_bytes())
-    frames = raw.split(b"\n\n")
-    assert frames[-1] == b""
-    assert frames[-2] == b"data: [DONE]"
-    assert all(f.startswith(b"data: {") for f in frames[:-2])
-    chunks = [json.loads(f[len(b"data: ") :]) for f in frames[:-2]]
+    events = sse_events(raw, strict=True)
+    assert events[-1] == "[DONE]" and raw.endswith(b"data: [DONE]\n\n")
+    chunks: list[Any] = events[:-1]
+    assert all(isinstance(c, dict) for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     assert chunks[-1]["choices"][0] == {
         "index": 0,

@@ -19,9 +19,10 @@ import msgspec
 import openai
 import pytest
 
-from common import names, statuscli
+from common import names
 from common import protocol as p
-from common.fleetview import FleetView
+from llmfleet import status as statuscli
+from llmfleet.fleetview import FleetView
 from tests.natshelp import connected, publish_request, request_headers
 from tests.procs import Fleet, Gateway
 
@@ -29,7 +30,7 @@ from tests.procs import Fleet, Gateway
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMFLEET_")}
     return subprocess.run(
-        [sys.executable, "-m", "common", *args],
+        [sys.executable, "-m", "llmfleet", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -152,7 +153,7 @@ def test_status_tables_and_watch_from_the_cli(gw: Gateway, nats_url: str) -> Non
         [
             sys.executable,
             "-m",
-            "common",
+            "llmfleet",
             "status",
             "--nats",
             nats_url,

@@ -4,7 +4,6 @@ nothing runs unseen or twice, and every request gets exactly one clear answer.""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ import pytest
 
 from tests.natshelp import connected, watch_announcements
 from tests.procs import Fleet, Gateway, upstream_process
+from tests.sse import sse_events, sse_text
 
 PROXIED = "proxied-model"
 STREAMY = "streamy-model"
@@ -120,9 +120,9 @@ async def test_deadline_from_client_header(gw: Gateway) -> None:
             headers={"x-llmfleet-timeout": "1"},
         ) as s:
             raw = await s.aread()
-    frames = [f[6:] for f in raw.split(b"\n\n") if f.startswith(b"data: ")]
-    assert frames[-1] == b"[DONE]"
-    assert json.loads(frames[-2])["error"]["code"] == "deadline_exceeded"
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "deadline_exceeded"  # type: ignore[index]
 
 
 async def test_overload_4x_rejects_cleanly_and_never_runs_twice(gw: Gateway, fleet: Fleet) -> None:
@@ -178,11 +178,7 @@ async def test_gateway_sigterm_finishes_streams_then_exits(fleet: Fleet) -> None
             async for more in chunks:
                 raw += more
     assert raw.endswith(b"data: [DONE]\n\n")
-    text = "".join(
-        json.loads(f[6:])["choices"][0]["delta"].get("content", "")
-        for f in raw.split(b"\n\n")
-        if f.startswith(b"data: {") and json.loads(f[6:])["choices"]
-    )
+    text = sse_text(sse_events(raw))
     assert len(text.split()) == 60  # the whole answer, after SIGTERM
     assert await asyncio.to_thread(gw.popen.wait, 20) == 0
 

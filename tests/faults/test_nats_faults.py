@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common.embedded import EmbeddedNats
+from llmfleet.broker import EmbeddedNats
 from tests.cluster import NatsCluster
 from tests.procs import Fleet, Gateway
+from tests.sse import sse_events, sse_text
 
 MODEL = "clustered-model"
 TOKENS = 15
@@ -48,15 +49,14 @@ def classify(status: int, raw: bytes) -> str:
         err = json.loads(raw).get("error", {})
         ERROR_CODES[f"{status} {err.get('code')}"] += 1
         return "error" if {"message", "type", "param", "code"} <= set(err) else "bad"
-    frames = [f[6:] for f in raw.split(b"\n\n") if f.startswith(b"data: ")]
-    if not frames or frames[-1] != b"[DONE]":
+    events = sse_events(raw)
+    if not events or events[-1] != "[DONE]":
         return "bad"  # truncated without an end
-    events = [json.loads(f) for f in frames[:-1]]
-    if "error" in events[-1]:
-        ERROR_CODES[f"sse {events[-1]['error'].get('code')}"] += 1
+    last = events[-2] if len(events) > 1 else {}
+    if isinstance(last, dict) and "error" in last:
+        ERROR_CODES[f"sse {last['error'].get('code')}"] += 1
         return "error"
-    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
-    return "ok" if len(text.split()) == TOKENS else "bad"
+    return "ok" if len(sse_text(events).split()) == TOKENS else "bad"
 
 
 async def run_load(

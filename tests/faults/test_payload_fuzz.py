@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.bodies import BUCKET
-from common.embedded import EmbeddedNats
+from llmfleet.broker import EmbeddedNats
 from tests.procs import Fleet, Gateway
 
 MODEL = "fuzz-model"

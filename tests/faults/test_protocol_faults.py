@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +16,7 @@ from common import names
 from common import protocol as p
 from common.queue import QueueSettings, ensure_consumer, ensure_stream
 from tests.procs import Fleet
+from tests.sse import sse_events
 
 MODEL = "misbehaving-model"
 
@@ -82,8 +82,7 @@ async def _stream(base: str) -> tuple[list[dict[str, Any] | str], float]:
         async with http.stream("POST", "/chat/completions", json=body) as r:
             assert r.status_code == 200
             raw = await r.aread()
-    frames = [f[6:] for f in raw.split(b"\n\n") if f.startswith(b"data: ")]
-    return ["[DONE]" if f == b"[DONE]" else json.loads(f) for f in frames], time.monotonic() - t0
+    return sse_events(raw), time.monotonic() - t0
 
 
 async def test_sequence_gap_is_a_clear_error(fleet: Fleet) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from common.embedded import EmbeddedNats, find_binary, free_port, wait_for_port
+from llmfleet.broker import EmbeddedNats, find_binary, free_port, wait_for_port
 from tests.procs import Fleet
 
 

@@ -4,7 +4,6 @@ errors, never hangs, losses or duplicates. Every process here is real and really
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import time
 
@@ -13,6 +12,7 @@ import pytest
 
 from tests.natshelp import connected, watch_announcements
 from tests.procs import Fleet, Gateway
+from tests.sse import sse_events
 
 SLOWSTART = "slowstart-model"
 STREAMY = "streamy-model"
@@ -22,15 +22,6 @@ ROLLING = "rolling-model"
 @pytest.fixture(scope="module")
 def gw(fleet: Fleet) -> Gateway:
     return fleet.gateway()
-
-
-def _sse_events(raw: bytes) -> list[dict[str, object] | str]:
-    out: list[dict[str, object] | str] = []
-    for frame in raw.split(b"\n\n"):
-        if frame.startswith(b"data: "):
-            body = frame[6:]
-            out.append("[DONE]" if body == b"[DONE]" else json.loads(body))
-    return out
 
 
 async def test_worker_killed_before_first_token_is_transparent(gw: Gateway, fleet: Fleet) -> None:
@@ -65,7 +56,7 @@ async def test_worker_killed_before_first_token_is_transparent(gw: Gateway, flee
             took = time.monotonic() - t0
     assert r.status_code == 200
     assert r.headers["x-llmfleet-worker"] == "rescuer"
-    events = _sse_events(r.content)
+    events = sse_events(r.content)
     assert events[-1] == "[DONE]"
     assert not any(isinstance(e, dict) and "error" in e for e in events)
     text = "".join(
@@ -104,7 +95,7 @@ async def test_worker_killed_mid_stream_ends_with_error_event(
                 async for more in chunks:
                     raw += more
             took = time.monotonic() - t0
-    events = _sse_events(raw)
+    events = sse_events(raw)
     assert events[-1] == "[DONE]"
     err = events[-2]
     assert isinstance(err, dict) and "error" in err
@@ -193,7 +184,7 @@ async def test_resume_on_failure_splices_a_continuation(fleet: Fleet) -> None:
             async with asyncio.timeout(30):
                 async for more in chunks:
                     raw += more
-    events = _sse_events(raw)
+    events = sse_events(raw)
     assert events[-1] == "[DONE]"
     assert not any(isinstance(e, dict) and "error" in e for e in events), events[-3:]
     content = [e for e in events if isinstance(e, dict) and e["choices"]]

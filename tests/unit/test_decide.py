@@ -26,20 +26,19 @@ def test_pull_batch_never_overcommits() -> None:
 
 def test_admit() -> None:
     kw = {"running": 0, "max_concurrency": 2, "start_by_ms": None, "now_ms": 1000}
-    assert admit(state=READY, readable=True, **kw) is Admission.RUN  # type: ignore[arg-type]
-    assert admit(state=READY, readable=False, **kw) is Admission.REJECT  # type: ignore[arg-type]
+    assert admit(state=READY, **kw) is Admission.RUN  # type: ignore[arg-type]
     assert (
-        admit(state=RunnerState.DRAINING, readable=True, **kw)  # type: ignore[arg-type]
+        admit(state=RunnerState.DRAINING, **kw)  # type: ignore[arg-type]
         is Admission.NAK
     )
     full = {**kw, "running": 2}
-    assert admit(state=READY, readable=True, **full) is Admission.NAK  # type: ignore[arg-type]
+    assert admit(state=READY, **full) is Admission.NAK  # type: ignore[arg-type]
     late = {**kw, "start_by_ms": 999}
-    assert admit(state=READY, readable=True, **late) is Admission.EXPIRED  # type: ignore[arg-type]
+    assert admit(state=READY, **late) is Admission.EXPIRED  # type: ignore[arg-type]
     poison = {**kw, "delivered": 11}
-    assert admit(state=READY, readable=True, **poison) is Admission.POISON  # type: ignore[arg-type]
+    assert admit(state=READY, **poison) is Admission.POISON  # type: ignore[arg-type]
     on_time = {**kw, "start_by_ms": 1000}
-    assert admit(state=READY, readable=True, **on_time) is Admission.RUN  # type: ignore[arg-type]
+    assert admit(state=READY, **on_time) is Admission.RUN  # type: ignore[arg-type]
 
 
 def test_parse_ack_subject_v1_and_v2() -> None:
@@ -80,3 +79,15 @@ def test_coalesce_caps_message_size() -> None:
     big = "x" * 40_000
     out = coalesce([[_d(0, big)], [_d(0, big)]])
     assert len(out) == 2
+
+
+def test_lifecycle_only_moves_forward() -> None:
+    from worker.decide import transition  # noqa: PLC0415
+
+    s = RunnerState
+    assert transition(s.STARTING, s.READY) is s.READY
+    assert transition(s.STARTING, s.DRAINING) is s.DRAINING  # a drain while loading
+    assert transition(s.DRAINING, s.READY) is s.DRAINING  # loaded after the drain began
+    assert transition(s.READY, s.STARTING) is s.READY
+    assert transition(s.DRAINING, s.STOPPED) is s.STOPPED
+    assert transition(s.STOPPED, s.DRAINING) is s.STOPPED  # a second SIGTERM

@@ -4,7 +4,8 @@ sums per model, queues of models no worker serves, worker-name prefixes."""
 from __future__ import annotations
 
 from common import protocol as p
-from common.fleetview import (
+from common.queue import QueueDepth
+from llmfleet.fleetview import (
     Seen,
     build_view,
     duration,
@@ -13,7 +14,6 @@ from common.fleetview import (
     model_status,
     resolve_worker,
 )
-from common.queue import QueueDepth
 from worker.rates import RateWindow, Totals
 
 

@@ -5,21 +5,12 @@ import json
 from common import protocol as p
 from common.errors import ErrorBody
 from gateway.render import DONE_FRAME, Assembler, StreamRenderer
-
-
-def _frames(raw: bytes) -> list[dict[str, object] | str]:
-    out: list[dict[str, object] | str] = []
-    assert raw.endswith(b"\n\n")
-    for f in raw.split(b"\n\n")[:-1]:
-        assert f.startswith(b"data: ")
-        body = f[len(b"data: ") :]
-        out.append("[DONE]" if body == b"[DONE]" else json.loads(body))
-    return out
+from tests.sse import sse_events
 
 
 def test_chat_stream_framing_with_usage() -> None:
     r = StreamRenderer(op="chat", rid="chatcmpl-1", created=5, model="m", include_usage=True)
-    start = _frames(r.start(1))
+    start = sse_events(strict=True, raw=r.start(1))
     assert start == [
         {
             "id": "chatcmpl-1",
@@ -38,10 +29,13 @@ def test_chat_stream_framing_with_usage() -> None:
             "usage": None,
         }
     ]
-    body = _frames(r.delta(p.Delta(seq=1, choices=[p.ChoiceDelta(0, "Hi", finish_reason="stop")])))
+    body = sse_events(
+        strict=True,
+        raw=r.delta(p.Delta(seq=1, choices=[p.ChoiceDelta(0, "Hi", finish_reason="stop")])),
+    )
     assert [c["choices"][0]["delta"] for c in body] == [{"content": "Hi"}, {}]  # type: ignore[index]
     assert [c["choices"][0]["finish_reason"] for c in body] == [None, "stop"]  # type: ignore[index]
-    end = _frames(r.finish(p.Usage(1, 2, 3)))
+    end = sse_events(strict=True, raw=r.finish(p.Usage(1, 2, 3)))
     assert end[-1] == "[DONE]"
     assert end[0]["choices"] == []  # type: ignore[index]
     assert end[0]["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}  # type: ignore[index]
@@ -50,7 +44,7 @@ def test_chat_stream_framing_with_usage() -> None:
 def test_stream_without_usage_has_no_usage_key_and_ends_with_done() -> None:
     r = StreamRenderer(op="completion", rid="cmpl-1", created=5, model="m", include_usage=False)
     assert r.start(2) == b""
-    (chunk,) = _frames(r.delta(p.Delta(seq=1, choices=[p.ChoiceDelta(1, "x")])))
+    (chunk,) = sse_events(strict=True, raw=r.delta(p.Delta(seq=1, choices=[p.ChoiceDelta(1, "x")])))
     assert "usage" not in chunk  # type: ignore[operator]
     assert chunk["object"] == "text_completion"  # type: ignore[index]
     assert chunk["choices"] == [  # type: ignore[index]
@@ -61,7 +55,9 @@ def test_stream_without_usage_has_no_usage_key_and_ends_with_done() -> None:
 
 def test_error_frame_then_done() -> None:
     r = StreamRenderer(op="chat", rid="x", created=1, model="m", include_usage=False)
-    frames = _frames(r.fail(ErrorBody(message="boom", type="server_error", code="c")))
+    frames = sse_events(
+        strict=True, raw=r.fail(ErrorBody(message="boom", type="server_error", code="c"))
+    )
     assert frames == [
         {"error": {"message": "boom", "type": "server_error", "param": None, "code": "c"}},
         "[DONE]",

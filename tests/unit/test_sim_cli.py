@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.cli import build_parser
+from llmfleet.cli import build_parser
 from worker.sim import embed_text
 from worker.sim_plan import apply_stop, sim_text
 

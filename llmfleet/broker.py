@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from common.supervise import die_with_parent
+from llmfleet.supervise import die_with_parent
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 

@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 import msgspec
 
 from common import protocol as p
+from common.protocol import status_of
 from common.queue import QueueDepth
 
 A = TypeVar("A", p.WorkerAnnounce, p.GatewayAnnounce)
@@ -87,16 +88,6 @@ def live(seen: dict[str, Seen[A]], now: float) -> dict[str, Seen[A]]:
         for w, s in seen.items()
         if s.announce.state != "stopped" and now - s.at <= s.announce.ttl_s
     }
-
-
-def status_of(*, ready: bool, loading: bool, has_workers: bool) -> str:
-    """The model status vocabulary, one rule for the gateway's catalog (`/v1/models`) and
-    `llmfleet status`: a ready worker wins, then a loading one, then a draining one."""
-    if ready:
-        return "ready"
-    if loading:
-        return "loading"
-    return "draining" if has_workers else "unavailable"
 
 
 def model_status(states: list[tuple[str, bool]]) -> str:

@@ -2,7 +2,7 @@
 
 Status listens to worker and gateway announcements (`llmfleet.hb.*`, `llmfleet.gwhb.*`,
 after asking everyone to announce at once on `llmfleet.discover`) and reads each model's
-queue from its JetStream consumer; `common.fleetview` turns all that into rows. Drain asks
+queue from its JetStream consumer; `llmfleet.fleetview` turns all that into rows. Drain asks
 one worker, through its micro-service endpoint `llmfleet.ctl.<worker>.drain`, to stop
 taking work, finish what runs and exit; `--wait` follows it until it has left.
 
@@ -30,8 +30,8 @@ from rich.text import Text
 
 from common import names
 from common import protocol as p
-from common.fleetview import FleetView, Seen, build_view, duration, resolve_worker
 from common.queue import QueueDepth, queue_depth, queued_models
+from llmfleet.fleetview import FleetView, Seen, build_view, duration, resolve_worker
 
 
 class StatusError(Exception):

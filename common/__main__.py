@@ -1,3 +1,0 @@
-from common.cli import main
-
-main()
