@@ -51,21 +51,25 @@ def _gguf() -> str:
     return str(gemma.assemble())
 
 
+def register_uses(lib: Path) -> tuple[int, int]:
+    """(AMX, AVX-512) register uses in a native library's code, read with objdump (AMX
+    instructions name `%tmm` tile registers, AVX-512 ones `%zmm` or the `%k1-7` masks)."""
+    out = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(lib)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "Disassembly of section .text" in out  # objdump did read the code
+    return len(re.findall(r"%tmm\d", out)), len(re.findall(r"%zmm\d|%k[1-7]\b", out))
+
+
 def native_counts(libs: list[Path]) -> dict[str, Any]:
-    """AMX (tmm registers) and AVX-512 (zmm registers) instructions in native libraries."""
+    """AMX and AVX-512 instructions in native libraries ("-" without objdump)."""
     if shutil.which("objdump") is None:
         return {"amx": "-", "avx512": "-"}
-    amx = zmm = 0
-    for lib in libs:
-        out = subprocess.run(
-            ["objdump", "-d", "--no-show-raw-insn", str(lib)],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        amx += len(re.findall(r"%tmm\d", out))
-        zmm += len(re.findall(r"%zmm\d", out))
-    return {"amx": amx, "avx512": zmm}
+    counts = [register_uses(lib) for lib in libs]
+    return {"amx": sum(c[0] for c in counts), "avx512": sum(c[1] for c in counts)}
 
 
 def _concurrent(run_one: Any, k: int) -> float:

@@ -35,14 +35,8 @@ class Subscription(Protocol):
 Callback = Callable[[Msg], Awaitable[None]]
 
 
-class Bus(Protocol):
-    """Core NATS: publish, request/reply, subscribe (nats-py's `Client`)."""
-
-    @property
-    def is_connected(self) -> bool: ...
-
-    @property
-    def max_payload(self) -> int: ...
+class Publisher(Protocol):
+    """Just publishing (what a job's reply writer needs; its unit tests record it)."""
 
     async def publish(
         self,
@@ -51,6 +45,16 @@ class Bus(Protocol):
         reply: str = "",
         headers: dict[str, str] | None = None,
     ) -> None: ...
+
+
+class Bus(Publisher, Protocol):
+    """Core NATS: publish, request/reply, subscribe (nats-py's `Client`)."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def max_payload(self) -> int: ...
 
     async def request(
         self,

@@ -11,12 +11,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
 
 import msgspec
 
 from common import protocol as p
 from common.bodies import BodyStore
+from common.bus import Publisher
 from common.errors import (
     FleetError,
     GatewayTimeout,
@@ -41,16 +41,6 @@ log = logging.getLogger(__name__)
 
 _QUEUE_MAX = 256
 _DRAIN_MAX = 64
-
-
-class Publisher(Protocol):
-    async def publish(
-        self,
-        subject: str,
-        payload: bytes = b"",
-        reply: str = "",
-        headers: dict[str, str] | None = None,
-    ) -> None: ...
 
 
 class JobSpec(msgspec.Struct, frozen=True):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.engines import register_uses
+
 xllamacpp = pytest.importorskip("xllamacpp", reason="the llamacpp extra is not installed")
 
 X86 = platform.machine() in ("x86_64", "AMD64")
@@ -29,18 +31,6 @@ def _native_libraries() -> list[Path]:
     libs = sorted(root.glob("*.so")) + sorted(root.parent.glob("xllamacpp.libs/*.so*"))
     assert libs, f"no native library found beside {root}"
     return libs
-
-
-def register_uses(lib: Path) -> tuple[int, int]:
-    """(AMX, AVX-512) register uses in a native library's code, read with objdump."""
-    out = subprocess.run(
-        ["objdump", "-d", "--no-show-raw-insn", str(lib)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "Disassembly of section .text" in out  # objdump did read the code
-    return len(re.findall(r"%tmm\d", out)), len(re.findall(r"%zmm\d|%k[1-7]\b", out))
 
 
 needs_objdump = pytest.mark.skipif(
