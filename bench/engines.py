@@ -88,7 +88,8 @@ def measure_xllamacpp() -> dict[str, Any]:
     import xllamacpp  # noqa: PLC0415
 
     from worker.gguf import read_metadata  # noqa: PLC0415
-    from worker.llamacpp_engine import LlamaCppSettings, chat_template  # noqa: PLC0415
+    from worker.llamacpp_engine import chat_template  # noqa: PLC0415
+    from worker.settings import LlamaCppSettings  # noqa: PLC0415
 
     path = _gguf()
     template, jinja = chat_template(LlamaCppSettings(model_path=path), read_metadata(path))

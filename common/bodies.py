@@ -10,7 +10,6 @@ removes anything left behind.
 
 from __future__ import annotations
 
-import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -19,14 +18,9 @@ from nats.js.object_store import ObjectStore
 
 from common.errors import InvalidRequest, ServiceUnavailable
 from common.natsconn import NATS_ERRORS
+from common.settings import BodySettings
 
 BUCKET = "LLMFLEET_BODIES"
-
-
-class BodySettings(msgspec.Struct, frozen=True):
-    ttl_s: float = 900.0
-    max_bytes: int = 256 * 1024 * 1024
-    replicas: int = 1
 
 
 class BodyStore:

@@ -25,19 +25,9 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from common import names
+from common.settings import QueueSettings
 
 log = logging.getLogger(__name__)
-
-
-class QueueSettings(msgspec.Struct, frozen=True):
-    max_per_model: int = 10_000
-    max_bytes: int = 256 * 1024 * 1024
-    max_age_s: float = 3600.0
-    duplicate_window_s: float = 120.0
-    ack_wait_s: float = 5.0
-    max_deliver: int = -1  # workers give up on a poison request (worker/decide.py)
-    storage: str = "memory"
-    replicas: int = 1
 
 
 def stream_config(settings: QueueSettings) -> StreamConfig:

@@ -33,7 +33,7 @@ from gateway.http import (
 )
 from gateway.observe import GatewayMetrics
 from gateway.request import Call
-from gateway.validate import Limits
+from gateway.settings import Limits
 
 log = logging.getLogger(__name__)
 

@@ -39,21 +39,11 @@ from common.errors import (
 from common.natsconn import NATS_ERRORS, header_bytes
 from common.telemetry import Telemetry, gen_ai_operation
 from gateway.mux import ReplyMux, ReplyQueue
+from gateway.settings import DispatchSettings
 from gateway.stats import GatewayCounters
 from gateway.validate import Parsed
 
 log = logging.getLogger(__name__)
-
-
-class DispatchSettings(msgspec.Struct, frozen=True):
-    queue_timeout_s: float = 60.0
-    probe_after_s: float = 1.5
-    stall_timeout_s: float = 5.0
-    redelivery_wait_s: float = 8.0
-    request_timeout_s: float = 600.0
-    retry_after_s: float = 2.0
-    publish_timeout_s: float = 2.0
-    publish_retry_s: float = 10.0
 
 
 class Submission:

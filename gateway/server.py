@@ -12,45 +12,26 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.errors
 import uvicorn
 
 from common import __version__, names
 from common import protocol as p
-from common.bodies import BodySettings, BodyStore
+from common.bodies import BodyStore
 from common.natsconn import NATS_ERRORS, close, connect, flush, jetstream
-from common.queue import QueueSettings, ensure_stream
+from common.queue import ensure_stream
+from common.settings import BodySettings
 from common.telemetry import Telemetry
 from gateway.app import GatewayApp
 from gateway.catalog import Catalog
-from gateway.dispatch import Dispatcher, DispatchSettings
+from gateway.dispatch import Dispatcher
 from gateway.mux import ReplyMux
 from gateway.observe import observe_gateway
+from gateway.settings import GatewaySettings
 from gateway.stats import GatewayCounters
-from gateway.validate import Limits
 
 log = logging.getLogger(__name__)
-
-
-class GatewaySettings(msgspec.Struct, frozen=True):
-    nats_url: str
-    host: str = "127.0.0.1"
-    port: int = 8080
-    gateway_id: str = ""
-    api_key: str | None = None
-    default_model: str | None = None  # for requests that name no model
-    limits: Limits = Limits()
-    dispatch: DispatchSettings = DispatchSettings()
-    queue: QueueSettings = QueueSettings()
-    discover_wait_s: float = 0.5
-    model_grace_s: float = 30.0
-    cors_origins: tuple[str, ...] = ()
-    resume_on_failure: bool = False
-    shutdown_grace_s: float = 30.0
-    queue_poll_s: float = 5.0  # queue-depth metric refresh (0: off)
-    announce_s: float = 2.0  # GatewayAnnounce interval (for `llmfleet status`)
 
 
 class _Server(uvicorn.Server):

@@ -16,18 +16,7 @@ from common.openai_types import (
     decode_error_message,
     prompt_texts,
 )
-
-
-class Limits(msgspec.Struct, frozen=True):
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_tokens: int = 32_768
-    max_n: int = 128
-    max_messages: int = 4096
-    max_stop: int = 16
-    max_embedding_inputs: int = 2048
-    max_prompts: int = 2048
-    max_choices: int = 4096  # completions: prompts x n
-
+from gateway.settings import Limits
 
 _CONTENT_REQUIRED = frozenset({"system", "user", "developer", "tool"})
 

@@ -10,9 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
+
+import msgspec
 
 from common import __version__
+from gateway.settings import GatewaySettings
+from worker.settings import ENGINES, WorkerSettings
+
+S = TypeVar("S", bound=msgspec.Struct)
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
@@ -68,32 +74,184 @@ def _nats_args(p: argparse.ArgumentParser) -> None:
     add(p, "--http-port", 0, "monitoring port (0: off)", int)
 
 
+class Flag(NamedTuple):
+    """A flag that sets one settings field; its default is the field's (written once, in
+    gateway/settings.py or worker/settings.py). An empty value means None for a field whose
+    default is None; `none_if` names another value that does (`--n-threads 0`)."""
+
+    name: str
+    path: str  # dotted field path in the settings root, e.g. "dispatch.queue_timeout_s"
+    help: str
+    choices: tuple[str, ...] | None = None
+    none_if: object = ""
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+
+GATEWAY_FLAGS = (
+    Flag("--host", "host", "HTTP listen address"),
+    Flag("--port", "port", "HTTP port"),
+    Flag("--api-key", "api_key", "require this bearer token from clients (empty: no auth)"),
+    Flag("--default-model", "default_model", "model for requests that name none (empty: 400)"),
+    Flag("--gateway-id", "gateway_id", "gateway id in announcements and subjects (empty: random)"),
+    Flag(
+        "--cors-origins",
+        "cors_origins",
+        "browser origins allowed to call the API, comma separated or *",
+    ),
+    Flag(
+        "--model-grace", "model_grace_s", "seconds a model stays listed after its last worker left"
+    ),
+    Flag(
+        "--resume-on-failure",
+        "resume_on_failure",
+        "continue a stream on another worker if its worker dies mid-answer "
+        "(see docs/reliability.md for the limits)",
+    ),
+    Flag(
+        "--queue-timeout",
+        "dispatch.queue_timeout_s",
+        "seconds a request may wait for a free worker",
+    ),
+    Flag(
+        "--stall-timeout",
+        "dispatch.stall_timeout_s",
+        "seconds a silent worker gets before a stream fails",
+    ),
+    Flag(
+        "--request-timeout",
+        "dispatch.request_timeout_s",
+        "default and maximum total seconds per request",
+    ),
+    Flag("--max-body-bytes", "limits.max_body_bytes", "largest accepted request body"),
+    Flag("--max-tokens-limit", "limits.max_tokens", "largest max_tokens accepted"),
+    Flag("--max-n", "limits.max_n", "largest n (and best_of) accepted"),
+    Flag("--max-queue", "queue.max_per_model", "requests that may wait per model (more: 429)"),
+    Flag("--stream-replicas", "queue.replicas", "replicas of the request stream (3 on a cluster)"),
+    Flag("--queue-poll", "queue_poll_s", "seconds between queue-depth polls for /metrics (0: off)"),
+)
+
+WORKER_FLAGS = (
+    Flag("--engine", "engine.kind", "inference engine", choices=ENGINES),
+    Flag("--max-concurrency", "max_concurrency", "requests run at once per model"),
+    Flag("--worker-id", "worker_id", "worker id (empty: host-pid-random)"),
+    Flag("--heartbeat", "heartbeat_s", "seconds between catalog announcements"),
+    Flag("--drain-grace", "drain_grace_s", "seconds in-flight requests get on SIGTERM"),
+    Flag("--metrics-port", "metrics_port", "port for Prometheus GET /metrics (0: off)"),
+    Flag("--metrics-host", "metrics_host", "listen address of --metrics-port"),
+)
+WORKER_REPLICAS = Flag(
+    "--stream-replicas",
+    "queue.replicas",
+    "replicas of the request stream, if this worker creates it",
+)
+SIM_FLAGS = (
+    Flag("--sim-ttft-ms", "engine.sim.ttft_ms", "simulated time to first token"),
+    Flag("--sim-itl-ms", "engine.sim.itl_ms", "simulated inter-token latency"),
+    Flag("--sim-tokens", "engine.sim.tokens", "output tokens when the request sets no limit"),
+)
+OPENAI_FLAGS = (
+    Flag("--upstream", "engine.openai.base_url", "upstream base URL"),
+    Flag(
+        "--upstream-api-key",
+        "engine.openai.api_key",
+        "API key for the upstream (stays on the worker)",
+    ),
+    Flag(
+        "--upstream-model",
+        "engine.openai.upstream_model",
+        "model name upstream (empty: the served name)",
+    ),
+    Flag(
+        "--upstream-wait",
+        "engine.openai.wait_ready_s",
+        "seconds to wait for the upstream to be ready",
+    ),
+)
+LLAMACPP_FLAGS = (
+    Flag(
+        "--chat-format",
+        "engine.llamacpp.chat_format",
+        "llama.cpp built-in template name or Jinja file (empty: the GGUF's own template)",
+    ),
+    Flag("--n-ctx", "engine.llamacpp.n_ctx", "llama.cpp context size in tokens, per sequence"),
+    Flag(
+        "--n-threads",
+        "engine.llamacpp.n_threads",
+        "llama.cpp CPU threads (0: its default)",
+        none_if=0,
+    ),
+    Flag(
+        "--n-gpu-layers", "engine.llamacpp.n_gpu_layers", "layers to offload to the GPU (-1: all)"
+    ),
+)
+
+
+def _at(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _typed(flag: Flag, default: Any) -> tuple[Callable[[str], Any], Any]:
+    """How the flag reads a value, and its default as the CLI shows it."""
+    if default is None:
+        conv: Callable[[str], Any] = int if isinstance(flag.none_if, int) else str
+        return conv, flag.none_if
+    if isinstance(default, tuple):
+        return str, ",".join(default)
+    return type(default), default
+
+
+def add_settings_flags(p: Any, root: Any, flags: tuple[Flag, ...]) -> None:
+    """Add `flags` to a parser (or argument group), with defaults read from `root`."""
+    for f in flags:
+        default = _at(root, f.path)
+        if isinstance(default, bool):
+            p.add_argument(
+                f.name,
+                action="store_true",
+                default=env_default(f.name, default, _truthy),
+                help=f"{f.help} [env {env_name(f.name)}]",
+            )
+            continue
+        conv, shown = _typed(f, default)
+        add(p, f.name, shown, f.help, conv, choices=f.choices)
+
+
+def settings_from(args: argparse.Namespace, root: S, flags: tuple[Flag, ...]) -> S:
+    """`root` with the value of every flag in `flags` that `args` carries (a command that
+    lacks a flag, like `dev` for most gateway flags, keeps the settings' default)."""
+    for f in flags:
+        if not hasattr(args, f.dest):
+            continue
+        value = getattr(args, f.dest)
+        default = _at(root, f.path)
+        if default is None:
+            value = None if value == f.none_if else value
+        elif isinstance(default, tuple):
+            value = tuple(v.strip() for v in value.split(",") if v.strip())
+        root = _replace_at(root, f.path.split("."), value)
+    return root
+
+
+def _replace_at(root: S, parts: list[str], value: Any) -> S:
+    head = parts[0]
+    if len(parts) > 1:
+        value = _replace_at(getattr(root, head), parts[1:], value)
+    return msgspec.structs.replace(root, **{head: value})
+
+
+GATEWAY = GatewaySettings(nats_url=DEFAULT_NATS_URL)
+WORKER = WorkerSettings(nats_url=DEFAULT_NATS_URL)
+
+
 def gateway_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     if with_nats:
         _nats_url_arg(p)
-    add(p, "--host", "127.0.0.1", "HTTP listen address")
-    add(p, "--port", 8080, "HTTP port", int)
-    add(p, "--api-key", "", "require this bearer token from clients (empty: no auth)")
-    add(p, "--default-model", "", "model for requests that name none (empty: they get a 400)")
-    add(p, "--gateway-id", "", "gateway id in announcements and subjects (default: random)")
-    add(p, "--cors-origins", "", "browser origins allowed to call the API, comma separated or *")
-    add(p, "--model-grace", 30.0, "seconds a model stays listed after its last worker left", float)
-    p.add_argument(
-        "--resume-on-failure",
-        action="store_true",
-        default=env_default("--resume-on-failure", False, _truthy),
-        help="continue a stream on another worker if its worker dies mid-answer "
-        "(see docs/reliability.md for the limits) [env LLMFLEET_RESUME_ON_FAILURE]",
-    )
-    add(p, "--queue-timeout", 60.0, "seconds a request may wait for a free worker", float)
-    add(p, "--stall-timeout", 5.0, "seconds a silent worker gets before a stream fails", float)
-    add(p, "--request-timeout", 600.0, "default and maximum total seconds per request", float)
-    add(p, "--max-body-bytes", 32 * 1024 * 1024, "largest accepted request body", int)
-    add(p, "--max-tokens-limit", 32768, "largest max_tokens accepted", int)
-    add(p, "--max-n", 128, "largest n accepted", int)
-    add(p, "--max-queue", 10000, "requests that may wait per model (more: 429)", int)
-    add(p, "--stream-replicas", 1, "replicas of the request stream (3 on a cluster)", int)
-    add(p, "--queue-poll", 5.0, "seconds between queue-depth polls for /metrics (0: off)", float)
+    add_settings_flags(p, GATEWAY, GATEWAY_FLAGS)
     add(
         p,
         "--access-log",
@@ -117,13 +275,6 @@ def _otlp_arg(p: argparse.ArgumentParser) -> None:
 def worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     if with_nats:
         _nats_url_arg(p)
-    add(
-        p,
-        "--engine",
-        "sim",
-        "inference engine: sim | openai | llamacpp | embeddings",
-        choices=["sim", "openai", "llamacpp", "embeddings"],
-    )
     p.add_argument(
         "--model",
         action="append",
@@ -131,36 +282,16 @@ def worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
         help="model name to serve (repeat for several; NAME=PATH gives an in-process engine "
         "its own model file) [env LLMFLEET_MODEL, comma separated]",
     )
-    add(p, "--max-concurrency", 8, "requests run at once per model", int)
-    add(p, "--worker-id", "", "worker id (default: host-pid-random)")
-    add(p, "--heartbeat", 1.0, "seconds between catalog announcements", float)
-    add(p, "--drain-grace", 30.0, "seconds in-flight requests get on SIGTERM", float)
-    add(p, "--metrics-port", 0, "port for Prometheus GET /metrics (0: off)", int)
-    add(p, "--metrics-host", "127.0.0.1", "listen address of --metrics-port")
+    add_settings_flags(p, WORKER, WORKER_FLAGS)
     _otlp_arg(p)
     if with_nats:
-        add(
-            p,
-            "--stream-replicas",
-            1,
-            "replicas of the request stream, if this worker creates it",
-            int,
-        )
-    g = p.add_argument_group("sim engine")
-    add(g, "--sim-ttft-ms", 20.0, "simulated time to first token", float)
-    add(g, "--sim-itl-ms", 5.0, "simulated inter-token latency", float)
-    add(g, "--sim-tokens", 32, "output tokens when the request sets no limit", int)
+        add_settings_flags(p, WORKER, (WORKER_REPLICAS,))
+    add_settings_flags(p.add_argument_group("sim engine"), WORKER, SIM_FLAGS)
     o = p.add_argument_group("openai engine (vLLM, llama.cpp server, SGLang, Ollama, TGI)")
-    add(o, "--upstream", "http://127.0.0.1:8000/v1", "upstream base URL")
-    add(o, "--upstream-api-key", "", "API key for the upstream (stays on the worker)")
-    add(o, "--upstream-model", "", "model name upstream (default: the served name)")
-    add(o, "--upstream-wait", 900.0, "seconds to wait for the upstream to be ready", float)
+    add_settings_flags(o, WORKER, OPENAI_FLAGS)
     lc = p.add_argument_group("llamacpp and embeddings engines (in-process models)")
     add(lc, "--model-path", "", "GGUF file (llamacpp) or sentence-transformers dir (embeddings)")
-    add(lc, "--chat-format", "", "llama.cpp chat format (default: the GGUF's own template)")
-    add(lc, "--n-ctx", 4096, "llama.cpp context size in tokens", int)
-    add(lc, "--n-threads", 0, "llama.cpp CPU threads (0: its default)", int)
-    add(lc, "--n-gpu-layers", 0, "layers to offload to the GPU (-1: all)", int)
+    add_settings_flags(lc, WORKER, LLAMACPP_FLAGS)
 
 
 def _global_flags(suppress: bool) -> argparse.ArgumentParser:

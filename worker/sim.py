@@ -20,8 +20,6 @@ import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import msgspec
-
 from common.openai_types import (
     ChatRequest,
     CompletionRequest,
@@ -30,14 +28,8 @@ from common.openai_types import (
 )
 from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
+from worker.settings import SimSettings
 from worker.sim_plan import Plan, chat_logprobs, completion_logprobs, plan_chat, plan_completion
-
-
-class SimSettings(msgspec.Struct, frozen=True):
-    ttft_ms: float = 20.0
-    itl_ms: float = 5.0
-    tokens: int = 32
-    embedding_dim: int = 384
 
 
 def _words(text: str) -> list[str]:

@@ -17,17 +17,11 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import msgspec
-
 from common.errors import InvalidRequest, ServiceUnavailable
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest, prompt_texts
 from common.protocol import Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard
-
-
-class STSettings(msgspec.Struct, frozen=True):
-    model_path: str = ""  # empty: the packaged all-MiniLM-L6-v2
-    device: str = "cpu"
+from worker.settings import STSettings
 
 
 def default_model_path() -> str:

@@ -21,14 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common.telemetry import Telemetry
 from gateway.server import Gateway as GatewayService
-from gateway.server import GatewaySettings
+from gateway.settings import GatewaySettings
 from llmfleet.broker import free_port
 from tests.natshelp import connected, publish_request, request_headers
 from tests.procs import Fleet, Gateway, Proc
 from tests.upstream_server import RunningServer, ServerSettings
-from worker.openai_engine import OpenAIEngine, OpenAISettings
-from worker.service import ServedModel, Worker, WorkerSettings
-from worker.sim import SimEngine, SimSettings
+from worker.openai_engine import OpenAIEngine
+from worker.service import ServedModel, Worker
+from worker.settings import OpenAISettings, SimSettings, WorkerSettings
+from worker.sim import SimEngine
 
 OBS = "obs-model"
 IDLE = "idle-model"

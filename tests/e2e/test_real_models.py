@@ -70,7 +70,8 @@ class Tokenizer:
         import xllamacpp  # noqa: PLC0415
 
         from worker.gguf import read_metadata  # noqa: PLC0415
-        from worker.llamacpp_engine import LlamaCppSettings, chat_template  # noqa: PLC0415
+        from worker.llamacpp_engine import chat_template  # noqa: PLC0415
+        from worker.settings import LlamaCppSettings  # noqa: PLC0415
 
         path = _gguf()
         p = xllamacpp.CommonParams()

@@ -14,7 +14,8 @@ import nats
 
 from common import names
 from common import protocol as p
-from common.queue import QueueSettings, ensure_consumer, ensure_stream
+from common.queue import ensure_consumer, ensure_stream
+from common.settings import QueueSettings
 from tests.procs import Fleet
 from tests.sse import sse_events
 

@@ -5,7 +5,8 @@ import pytest
 from common import protocol as p
 from common.errors import InvalidRequest
 from gateway.catalog import apply_announce, build_snapshot, expire
-from gateway.validate import Limits, parse
+from gateway.settings import Limits
+from gateway.validate import parse
 
 
 def _ann(worker: str, state: str = "ready", models: tuple[str, ...] = ("m",)) -> p.WorkerAnnounce:

@@ -21,14 +21,8 @@ from common.protocol import Usage
 from common.telemetry import UPSTREAM_TRACEPARENT
 from tests.upstream_server import RunningServer, ServerSettings
 from worker.engine import EngineEvent, Output
-from worker.openai_engine import (
-    OpenAIEngine,
-    OpenAISettings,
-    SSEParser,
-    UpChunk,
-    chunk_output,
-    upstream_error,
-)
+from worker.openai_engine import OpenAIEngine, SSEParser, UpChunk, chunk_output, upstream_error
+from worker.settings import OpenAISettings
 
 SECRET = "sk-very-secret-upstream-key"
 

@@ -15,7 +15,8 @@ from common import protocol as p
 from common.fakebus import FakeBus, FakeMsg
 from tests.natshelp import request_headers
 from worker.runner import Drain, ModelRunner
-from worker.sim import SimEngine, SimSettings
+from worker.settings import SimSettings
+from worker.sim import SimEngine
 
 SLOTS = 2
 NEXT = f"$JS.API.CONSUMER.MSG.NEXT.{names.REQUEST_STREAM}.{names.consumer_name('m')}"

@@ -13,8 +13,9 @@ from common import names
 from common import protocol as p
 from common.errors import ErrorBody, FleetError, ServiceUnavailable, UpstreamError
 from common.fakebus import FakeBus, FakeJetStream
-from gateway.dispatch import Dispatcher, DispatchSettings, Submission
+from gateway.dispatch import Dispatcher, Submission
 from gateway.mux import ReplyMux
+from gateway.settings import DispatchSettings
 from gateway.stats import GatewayCounters
 from gateway.validate import Parsed
 

@@ -1,0 +1,80 @@
+"""The worker's settings and each engine's, with their defaults written once (the CLI
+reads them). Plain msgspec Structs, importable without the engines' dependencies.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from common.settings import QueueSettings
+
+
+class RunnerSettings(msgspec.Struct, frozen=True):
+    heartbeat_s: float = 1.0
+    pull_expires_s: float = 10.0  # a pull request's lifetime at the broker
+
+
+class SimSettings(msgspec.Struct, frozen=True):
+    ttft_ms: float = 20.0
+    itl_ms: float = 5.0
+    tokens: int = 32
+    embedding_dim: int = 384
+
+
+class OpenAISettings(msgspec.Struct, frozen=True):
+    """Where the upstream lives and what the model is called on each side.
+
+    `timeout_s` bounds non-streaming calls (embeddings) and request writes; streams have no
+    read timeout (a long generation is legal, and deadlines are enforced by the worker).
+    """
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    served_model: str = ""  # set per model by the composition root
+    api_key: str | None = None
+    upstream_model: str | None = None
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    max_connections: int = 1024
+    wait_ready_s: float = 900.0
+
+
+class LlamaCppSettings(msgspec.Struct, frozen=True):
+    """One GGUF model. `n_ctx` is per sequence: the KV cache holds `n_ctx * n_parallel`."""
+
+    model_path: str = ""  # empty: the packaged Gemma 3 270M
+    chat_format: str | None = None  # built-in template name or Jinja file; None: the GGUF's
+    n_ctx: int = 4096
+    n_parallel: int = 8  # the worker's max concurrency for the model
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+
+
+class STSettings(msgspec.Struct, frozen=True):
+    model_path: str = ""  # empty: the packaged all-MiniLM-L6-v2
+    device: str = "cpu"
+
+
+ENGINES = ("sim", "openai", "llamacpp", "embeddings")
+
+
+class EngineSettings(msgspec.Struct, frozen=True):
+    """Which engine serves the worker's models, and every engine's settings."""
+
+    kind: str = "sim"
+    sim: SimSettings = SimSettings()
+    openai: OpenAISettings = OpenAISettings()
+    llamacpp: LlamaCppSettings = LlamaCppSettings()
+    embeddings: STSettings = STSettings()
+
+
+class WorkerSettings(msgspec.Struct, frozen=True):
+    nats_url: str
+    worker_id: str = ""
+    heartbeat_s: float = 1.0
+    drain_grace_s: float = 30.0
+    max_concurrency: int = 8  # per model (the embeddings engine always takes 1)
+    engine: EngineSettings = EngineSettings()
+    queue: QueueSettings = QueueSettings()
+    runner: RunnerSettings = RunnerSettings()
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: no /metrics server
