@@ -1,8 +1,9 @@
 """One request on a worker: read it, run the engine, stream the reply, report back.
 
-`read_job` turns a delivered JetStream message into a `JobSpec` (pure). `run_job` owns
-nothing but its own reply sequence; it never raises: every outcome becomes exactly one
-terminal reply (`done` or `error`) and a `JobResult` for the runner.
+`read_job` turns a delivered JetStream message into a `JobSpec` (pure). `run_job` owns its
+reply sequence and broker-ack state (`JobHandle`), and keeps both alive itself while it
+waits (`+WPI`, heartbeats); it never raises: every outcome becomes exactly one terminal
+reply (`done` or `error`) and a `JobResult` for the runner.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 
@@ -179,6 +181,7 @@ async def _pump(
     events: AsyncIterator[EngineEvent],
     out: ReplyWriter,
     on_first: Callable[[], Awaitable[None]],
+    keep_alive: Callable[[], Awaitable[None]],
 ) -> p.Usage:
     """Stream engine output to `out`, coalescing whatever piled up since the last send."""
     queue: asyncio.Queue[EngineEvent | _Failed | None] = asyncio.Queue(_QUEUE_MAX)
@@ -200,7 +203,7 @@ async def _pump(
         tg.create_task(produce())
         finished = False
         while not finished:
-            batch: list[EngineEvent | _Failed | None] = [await queue.get()]
+            batch: list[EngineEvent | _Failed | None] = [await _next_item(queue, keep_alive)]
             while len(batch) < _DRAIN_MAX and not queue.empty():
                 batch.append(queue.get_nowait())
             outputs: list[list[p.ChoiceDelta]] = []
@@ -228,11 +231,20 @@ async def _pump(
     return usage
 
 
-class JobHandle:
-    """What a job shares with its runner: the reply writer and the broker-ack state.
+T = TypeVar("T")
+Q = TypeVar("Q")
 
-    The runner's tick calls `keep_alive`: until the first output the broker hears `+WPI`
-    (so a live worker keeps the message), and a silent stream gets a `heartbeat`.
+KEEP_ALIVE_S = 0.5
+"""While a job waits (for the engine, a body by reference), it checks this often whether
+the broker needs a `+WPI` or the stream a `heartbeat`."""
+
+
+class JobHandle:
+    """One job's reply writer and broker-ack state, owned by the job's task alone.
+
+    While the job waits it calls `keep_alive` itself (every `KEEP_ALIVE_S`): until the first
+    output the broker hears `+WPI` (so a live worker keeps the message), and a stream silent
+    for `heartbeat_s` gets a `heartbeat`. The runner only reads `writer.watch`.
     """
 
     def __init__(
@@ -242,6 +254,7 @@ class JobHandle:
         ack_subject: str,
         watch: str,
         bodies: BodyStore | None = None,
+        heartbeat_s: float = 1.0,
     ) -> None:
         self._nc = nc
         self.spec = spec
@@ -249,18 +262,45 @@ class JobHandle:
         self.ack_subject = ack_subject
         self.writer = ReplyWriter(nc, spec.reply, watch)
         self.acked = False
+        self.heartbeat_s = heartbeat_s
 
     async def ack(self) -> None:
         if not self.acked:
             self.acked = True
             await self._nc.publish(self.ack_subject, b"+ACK")
 
-    async def keep_alive(self, heartbeat_s: float) -> None:
+    async def keep_alive(self) -> None:
         if not self.acked:
             await self._nc.publish(self.ack_subject, b"+WPI")
         # Never before `accepted` (seq 0): a stream must start with it.
-        if self.writer.seq > 0 and time.monotonic() - self.writer.last_sent >= heartbeat_s:
+        quiet = time.monotonic() - self.writer.last_sent
+        if self.writer.seq > 0 and quiet >= self.heartbeat_s:
             await self.writer.heartbeat()
+
+    async def alive_while(self, work: Awaitable[T]) -> T:
+        """Await `work` (run as a child task), keeping the job alive meanwhile."""
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(_awaited(work))
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=KEEP_ALIVE_S)
+                if done:
+                    return task.result()
+                await self.keep_alive()
+
+
+async def _awaited(work: Awaitable[T]) -> T:
+    return await work
+
+
+async def _next_item(queue: asyncio.Queue[Q], keep_alive: Callable[[], Awaitable[None]]) -> Q:
+    """The next item of `queue`; while none comes, the job keeps itself alive."""
+    while queue.empty():
+        try:
+            async with asyncio.timeout(KEEP_ALIVE_S):
+                return await queue.get()
+        except TimeoutError:
+            await keep_alive()
+    return queue.get_nowait()
 
 
 async def run_job(
@@ -303,13 +343,13 @@ async def run_job(
             timeout_at = asyncio.get_running_loop().time() + remaining
         async with asyncio.timeout_at(timeout_at):
             if spec.body_ref is not None:
-                spec = await _load_body(handle)
+                spec = await handle.alive_while(_load_body(handle))
             upstream_tp = spec.traceparent
             if obs is not None:
                 obs.engine_started()
                 upstream_tp = obs.upstream_traceparent() or upstream_tp
             UPSTREAM_TRACEPARENT.set(upstream_tp)  # this job's task only
-            usage = await _execute(spec, engine, out, first)
+            usage = await _execute(spec, engine, handle)
         await _forget_body(handle)
         await out.send(p.Done(seq=out.next_seq(), usage=usage))
         outcome, error = "completed", None
@@ -361,31 +401,27 @@ async def _forget_body(handle: JobHandle) -> None:
         await handle.bodies.delete(handle.spec.body_ref)
 
 
-async def _execute(
-    spec: JobSpec,
-    engine: Engine,
-    out: ReplyWriter,
-    first: Callable[[], Awaitable[None]],
-) -> p.Usage:
+async def _execute(spec: JobSpec, engine: Engine, handle: JobHandle) -> p.Usage:
+    out, first, alive = handle.writer, handle.ack, handle.keep_alive
     try:
         match spec.op:
             case "chat":
                 chat = CHAT_DECODER.decode(spec.body)
-                return await _pump(engine.chat(chat, spec.body), out, first)
+                return await _pump(engine.chat(chat, spec.body), out, first, alive)
             case "completion":
                 comp = COMPLETION_DECODER.decode(spec.body)
                 try:
                     prompt_texts(comp.prompt)
                 except ValueError as exc:
                     raise InvalidRequest(f"'prompt' {exc}", param="prompt") from exc
-                return await _pump(engine.complete(comp, spec.body), out, first)
+                return await _pump(engine.complete(comp, spec.body), out, first, alive)
             case _:
                 emb = EMBEDDING_DECODER.decode(spec.body)
                 try:
                     prompt_texts(emb.input)
                 except ValueError as exc:
                     raise InvalidRequest(f"'input' {exc}", param="input") from exc
-                result = await engine.embed(emb, spec.body)
+                result = await handle.alive_while(engine.embed(emb, spec.body))
                 await first()
                 for i, vec in enumerate(result.embeddings):
                     await out.send(p.Embedding(seq=out.next_seq(), index=i, embedding=vec))

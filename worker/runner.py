@@ -273,8 +273,6 @@ class ModelRunner:
                 self._pulls.clear()
             case Tick():
                 self._on_tick()
-                for _, handle in list(self._jobs.values()):
-                    await handle.keep_alive(self.settings.heartbeat_s)
             case Drain(grace_s=grace):
                 if self._state is RunnerState.READY:
                     self._state = RunnerState.DRAINING
@@ -347,7 +345,9 @@ class ModelRunner:
     def _start(self, spec: JobSpec, ack_subject: str) -> None:
         token = f"nr{next(self._tokens)}"
         watch = f"{self._pull_prefix}.{token}"
-        handle = JobHandle(self._nc, spec, ack_subject, watch, self._bodies)
+        handle = JobHandle(
+            self._nc, spec, ack_subject, watch, self._bodies, self.settings.heartbeat_s
+        )
         job = run_job(
             handle,
             engine=self.engine,

@@ -3,6 +3,7 @@ terminal message, and internal failures never leak internals."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -91,3 +92,56 @@ async def test_unreadable_body_is_400_naming_the_field() -> None:
     rec = await _run(Broken(RuntimeError("unused")), body=b'{"model": "m"}')
     err = rec.replies()[-1]
     assert isinstance(err, p.Error) and err.status == 400 and err.error.param == "messages"
+
+
+class Slow:
+    """An engine that takes `wait` seconds before answering (embeddings), or between its
+    first and second token (chat)."""
+
+    def __init__(self, wait: float) -> None:
+        self.wait = wait
+
+    def card(self) -> ModelCard:
+        return ModelCard(engine="slow")
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def _gen(self) -> AsyncIterator[EngineEvent]:
+        yield Output(choices=[p.ChoiceDelta(index=0, content="a")])
+        await asyncio.sleep(self.wait)
+        yield Output(choices=[p.ChoiceDelta(index=0, content="b", finish_reason="stop")])
+        yield p.Usage(1, 2, 3)
+
+    def chat(self, req: ChatRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
+        return self._gen()
+
+    def complete(self, req: CompletionRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
+        return self._gen()
+
+    async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
+        await asyncio.sleep(self.wait)
+        return EmbedResult(embeddings=[[1.0]], usage=p.Usage(1, 0, 1))
+
+
+async def test_a_job_waiting_for_its_engine_keeps_its_delivery_alive_itself() -> None:
+    rec = Recorder()
+    body = json.dumps({"model": "m", "input": "x"}).encode()
+    spec = JobSpec(request_id="r", op="embedding", reply="reply", body=body)
+    await run_job(JobHandle(rec, spec, "ack", "watch"), engine=Slow(1.3), worker="w", model="m")
+    acks = rec.acks()
+    assert acks[:2] == [b"+WPI", b"+WPI"] and acks[-1] == b"+ACK"  # no runner tick needed
+    assert acks.count(b"+ACK") == 1
+
+
+async def test_a_silent_stream_gets_heartbeats_from_its_job() -> None:
+    rec = Recorder()
+    spec = JobSpec(request_id="r", op="chat", reply="reply", body=BODY)
+    handle = JobHandle(rec, spec, "ack", "watch", heartbeat_s=0.4)
+    await run_job(handle, engine=Slow(1.3), worker="w", model="m")
+    kinds = [type(r).__name__ for r in rec.replies()]
+    assert kinds[:2] == ["Accepted", "Delta"] and kinds[-1] == "Done"
+    beats = [r for r in rec.replies() if isinstance(r, p.Heartbeat)]
+    assert len(beats) >= 2 and all(b.last_seq == 1 for b in beats)  # after the first delta
+    assert rec.acks() == [b"+ACK"]  # acked at the first output: no +WPI after it
