@@ -83,40 +83,7 @@ class GatewayApp:
                 await send({"type": "http.response.body", "body": b""})
                 return
         try:
-            op = _OPS.get(path.rstrip("/"))
-            if op is not None:
-                if method != "POST":
-                    raise MethodNotAllowed(f"Use POST for {path}.")
-                await Call(self, op, scope, receive, send).serve()
-            elif path in ("/healthz", "/health"):  # /health: what llama.cpp and vLLM probe
-                await send_json(send, 200, b'{"status":"ok"}')
-            elif path == "/metrics":  # like /healthz: no API key (counts and names only)
-                body = self.telemetry.render_metrics()
-                headers = [
-                    (b"content-type", PROMETHEUS_CONTENT_TYPE),
-                    (b"content-length", str(len(body)).encode()),
-                ]
-                await send({"type": "http.response.start", "status": 200, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-            elif path == "/stats":
-                self.auth(scope)  # it shows the fleet: same key as /v1
-                await send_json(send, 200, render.json_bytes(self.snapshot_stats()))
-            elif path == "/readyz":
-                ok = await self.ready_check()
-                body = b'{"status":"ready"}' if ok else b'{"status":"not ready"}'
-                await send_json(send, 200 if ok else 503, body)
-            elif path.rstrip("/") == "/v1/models":
-                if method not in ("GET", "HEAD"):
-                    raise MethodNotAllowed(f"Use GET for {path}.")
-                self.auth(scope)
-                await send_json(send, 200, self._models_body())
-            elif path.startswith("/v1/models/"):
-                if method not in ("GET", "HEAD"):
-                    raise MethodNotAllowed(f"Use GET for {path}.")
-                self.auth(scope)
-                await self._model(path[len("/v1/models/") :].rstrip("/"), send)
-            else:
-                raise NotFound(f"Unknown path {path}.")
+            await self._route(path, method, scope, receive, send)
         except FleetError as err:
             self.stats.count_status(err.status)
             await send_error(send, err)
@@ -124,6 +91,45 @@ class GatewayApp:
             log.exception("unhandled error on %s %s", method, path)
             self.stats.server_errors += 1
             await send_error(send, InternalError("The gateway failed to handle the request."))
+
+    async def _route(
+        self, path: str, method: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """One branch per route; errors are answered by `__call__`."""
+        op = _OPS.get(path.rstrip("/"))
+        if op is not None:
+            if method != "POST":
+                raise MethodNotAllowed(f"Use POST for {path}.")
+            await Call(self, op, scope, receive, send).serve()
+        elif path in ("/healthz", "/health"):  # /health: what llama.cpp and vLLM probe
+            await send_json(send, 200, b'{"status":"ok"}')
+        elif path == "/metrics":  # like /healthz: no API key (counts and names only)
+            body = self.telemetry.render_metrics()
+            headers = [
+                (b"content-type", PROMETHEUS_CONTENT_TYPE),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        elif path == "/stats":
+            self.auth(scope)  # it shows the fleet: same key as /v1
+            await send_json(send, 200, render.json_bytes(self.snapshot_stats()))
+        elif path == "/readyz":
+            ok = await self.ready_check()
+            body = b'{"status":"ready"}' if ok else b'{"status":"not ready"}'
+            await send_json(send, 200 if ok else 503, body)
+        elif path.rstrip("/") == "/v1/models":
+            if method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(f"Use GET for {path}.")
+            self.auth(scope)
+            await send_json(send, 200, self._models_body())
+        elif path.startswith("/v1/models/"):
+            if method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(f"Use GET for {path}.")
+            self.auth(scope)
+            await self._model(path[len("/v1/models/") :].rstrip("/"), send)
+        else:
+            raise NotFound(f"Unknown path {path}.")
 
     def snapshot_stats(self) -> dict[str, Any]:
         """`GET /stats`: the counters (`gateway/stats.py`) and the fleet as the catalog sees it."""

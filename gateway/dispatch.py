@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol
 
 import msgspec
 import nats.errors
@@ -46,10 +47,27 @@ from gateway.validate import Parsed
 log = logging.getLogger(__name__)
 
 
+class Courier(Protocol):
+    """What a `Submission` needs from the dispatcher that made it, and nothing more."""
+
+    settings: DispatchSettings
+    counters: GatewayCounters
+
+    async def probe(self, worker: str | None) -> bool | None: ...
+
+    async def withdraw(self, sub: Submission) -> None: ...
+
+    async def hand_back(self, ack_subject: str) -> None: ...
+
+    async def send_cancel(self, worker: str, request_id: str) -> None: ...
+
+    def close_stream(self, rq: ReplyQueue) -> None: ...
+
+
 class Submission:
     """One request's reply stream. Iterate with `first()` then `next()` until terminal."""
 
-    def __init__(self, dispatcher: Dispatcher, rq: ReplyQueue, request_id: str, seq: int) -> None:
+    def __init__(self, dispatcher: Courier, rq: ReplyQueue, request_id: str, seq: int) -> None:
         self._d = dispatcher
         self._rq = rq
         self.request_id = request_id
@@ -214,9 +232,8 @@ class Submission:
                 code="worker_lost",
             )
         self.worker = None
-        if self.ack_subject and self._d.nc.is_connected:
-            # Hand the un-acked request back at once instead of waiting out ack_wait.
-            await self._d.nc.publish(self.ack_subject, b"-NAK")
+        if self.ack_subject:
+            await self._d.hand_back(self.ack_subject)
         try:
             msg = await self._get_opening(self._d.settings.redelivery_wait_s, "redelivery")
         except _Timeout:
@@ -236,7 +253,7 @@ class Submission:
         """Stop listening. A worker whose `accepted` was never read (it arrived while the
         request was being given up) is told to cancel: nobody will read its stream. Later
         messages go to the mux's orphan handling, which does the same."""
-        self._d.mux.close(self._rq)
+        self._d.close_stream(self._rq)
         self._end_queue_span("cancelled")  # still open: nobody accepted it
         if self.terminal:
             return
@@ -431,6 +448,15 @@ class Dispatcher:
             await self.withdraw(sub)
             return
         await self.send_cancel(sub.worker, sub.request_id)
+
+    async def hand_back(self, ack_subject: str) -> None:
+        """Give an un-acked delivery back to the broker at once (`-NAK`) instead of
+        waiting out its ack_wait: its worker is gone."""
+        if self.nc.is_connected:
+            await self.nc.publish(ack_subject, b"-NAK")
+
+    def close_stream(self, rq: ReplyQueue) -> None:
+        self.mux.close(rq)
 
     async def send_cancel(self, worker: str, request_id: str) -> None:
         self.counters.cancels_sent += 1

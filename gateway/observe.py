@@ -318,74 +318,45 @@ class GatewayMetrics:
             await asyncio.sleep(every_s)
 
 
+# (name, unit, description, label, {label value: GatewayStats field}); label "" means one
+# unlabelled series. All are counters read from the stats snapshot at each scrape.
+_GATEWAY_COUNTERS: tuple[tuple[str, str, str, str, dict[str, str]], ...] = (
+    ("llmfleet.gateway.failovers", "{request}",
+     "Requests continued on another worker: redelivered (before any output) or resumed",
+     "llmfleet.failover.kind", {"redelivered": "redelivered", "resumed": "resumed"}),
+    ("llmfleet.gateway.workers_lost", "{worker}",
+     "Workers given up on while serving a request (no responders or stalled)",
+     "", {"": "workers_lost"}),
+    ("llmfleet.gateway.cancellations", "{request}",
+     "Requests the gateway stopped: cancel sent to the worker, or withdrawn from the queue",
+     "llmfleet.cancel.kind", {"worker": "cancels_sent", "queued": "withdrawn"}),
+    ("llmfleet.gateway.client_disconnects", "{request}",
+     "HTTP clients that left before their answer was complete", "", {"": "disconnects"}),
+    ("llmfleet.gateway.queue.rejections", "{request}",
+     "Requests refused by the queue: full (429) or not accepted in time (503)",
+     "llmfleet.queue.reason", {"queue_full": "rejected_full", "queue_timeout": "queue_timeouts"}),
+    ("llmfleet.gateway.publish.retries", "{retry}",
+     "JetStream publishes retried while the broker reconnected or elected a leader",
+     "", {"": "publish_retries"}),
+    ("llmfleet.gateway.stream.overflows", "{request}",
+     "Reply streams that overflowed the gateway's per-request buffer", "", {"": "overflows"}),
+)  # fmt: skip
+
+
 def observe_gateway(
     tel: Telemetry, *, stats: Callable[[], GatewayStats], catalog: Any, nc: Any
 ) -> None:
     """Counters and gauges read at scrape time from the gateway's one stats snapshot."""
 
-    def one(field: str) -> Callable[[], list[tuple[float, Mapping[str, Any]]]]:
-        return lambda: [(getattr(stats(), field), {})]
-
-    def by(label: str, **fields: str) -> Callable[[], list[tuple[float, Any]]]:
+    def counter(label: str, fields: dict[str, str]) -> Callable[[], list[tuple[float, Any]]]:
         def read() -> list[tuple[float, Any]]:
             snap = stats()
-            return [(getattr(snap, f), {label: k}) for k, f in fields.items()]
+            return [(getattr(snap, f), {label: k} if label else {}) for k, f in fields.items()]
 
         return read
 
-    tel.observe(
-        "counter",
-        "llmfleet.gateway.failovers",
-        "{request}",
-        "Requests continued on another worker: redelivered (before any output) or resumed",
-        by("llmfleet.failover.kind", redelivered="redelivered", resumed="resumed"),
-    )
-    tel.observe(
-        "counter",
-        "llmfleet.gateway.workers_lost",
-        "{worker}",
-        "Workers given up on while serving a request (no responders or stalled)",
-        one("workers_lost"),
-    )
-    tel.observe(
-        "counter",
-        "llmfleet.gateway.cancellations",
-        "{request}",
-        "Requests the gateway stopped: cancel sent to the worker, or withdrawn from the queue",
-        by("llmfleet.cancel.kind", worker="cancels_sent", queued="withdrawn"),
-    )
-    tel.observe(
-        "counter",
-        "llmfleet.gateway.client_disconnects",
-        "{request}",
-        "HTTP clients that left before their answer was complete",
-        one("disconnects"),
-    )
-    tel.observe(
-        "counter",
-        "llmfleet.gateway.queue.rejections",
-        "{request}",
-        "Requests refused by the queue: full (429) or not accepted in time (503)",
-        by(
-            "llmfleet.queue.reason",
-            queue_full="rejected_full",
-            queue_timeout="queue_timeouts",
-        ),
-    )
-    tel.observe(
-        "counter",
-        "llmfleet.gateway.publish.retries",
-        "{retry}",
-        "JetStream publishes retried while the broker reconnected or elected a leader",
-        one("publish_retries"),
-    )
-    tel.observe(
-        "counter",
-        "llmfleet.gateway.stream.overflows",
-        "{request}",
-        "Reply streams that overflowed the gateway's per-request buffer",
-        one("overflows"),
-    )
+    for name, unit, description, label, fields in _GATEWAY_COUNTERS:
+        tel.observe("counter", name, unit, description, counter(label, fields))
     tel.observe(
         "counter",
         "llmfleet.nats.reconnects",

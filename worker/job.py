@@ -317,42 +317,17 @@ async def run_job(
     worker that dies before its first token leaves the request to be redelivered.
     With `metrics`, the job is traced and timed (`JobObserver`).
     """
-    spec = handle.spec
-    out = handle.writer
-    first = handle.ack
+    spec, out = handle.spec, handle.writer
     bind(request_id=spec.request_id, model=model, worker=worker)
-    obs: JobObserver | None = None
-    if metrics is not None:
-        obs = metrics.job(
-            request_id=spec.request_id,
-            op=spec.op,
-            model=model,
-            worker=worker,
-            engine=engine,
-            traceparent=spec.traceparent,
-            queued_ms=spec.queued_ms,
-        )
+    obs = None if metrics is None else _observer(metrics, spec, engine, worker, model)
     usage: p.Usage | None = None
-    outcome: str = "failed"
-    error: str | None = "internal_error"
+    outcome, error = "failed", "internal_error"
     await out.accepted(spec, worker, model, handle.ack_subject)
     try:
-        timeout_at: float | None = None
-        if spec.deadline_ms is not None:
-            remaining = (spec.deadline_ms - p.now_ms()) / 1000.0
-            timeout_at = asyncio.get_running_loop().time() + remaining
-        async with asyncio.timeout_at(timeout_at):
-            if spec.body_ref is not None:
-                spec = await handle.alive_while(_load_body(handle))
-            upstream_tp = spec.traceparent
-            if obs is not None:
-                obs.engine_started()
-                upstream_tp = obs.upstream_traceparent() or upstream_tp
-            UPSTREAM_TRACEPARENT.set(upstream_tp)  # this job's task only
-            usage = await _execute(spec, engine, handle)
+        usage = await _generate(handle, engine, obs)
         await _forget_body(handle)
         await out.send(p.Done(seq=out.next_seq(), usage=usage))
-        outcome, error = "completed", None
+        outcome, error = "completed", ""
         return JobResult(
             spec.request_id,
             ok=True,
@@ -364,25 +339,60 @@ async def run_job(
         outcome, error = "cancelled", "cancelled"
         # Cancelled (client gone, drain grace over): still end the stream properly.
         err = ServiceUnavailable("The request was cancelled on the worker.", code="cancelled")
-        await asyncio.shield(_end_cancelled(first, out, err))
+        await asyncio.shield(_end_with(handle, err))
         raise
     except FleetError as exc:
         error = exc.code or exc.type
-        await first()
-        await out.error(exc)
+        await _end_with(handle, exc)
         await _forget_body(handle)
     except TimeoutError:
         error = "deadline_exceeded"
-        await first()
-        await out.error(GatewayTimeout("The request's deadline passed during generation."))
+        await _end_with(handle, GatewayTimeout("The request's deadline passed during generation."))
     except Exception:
         log.exception("request %s failed in the engine", spec.request_id)
-        await first()
-        await out.error(InternalError("The worker failed while generating."))
+        await _end_with(handle, InternalError("The worker failed while generating."))
     finally:
         if obs is not None:
-            obs.finish(outcome, out.first_output_at, usage, error)
+            obs.finish(outcome, out.first_output_at, usage, error or None)
     return JobResult(spec.request_id, ok=False)
+
+
+def _observer(
+    metrics: WorkerMetrics, spec: JobSpec, engine: Engine, worker: str, model: str
+) -> JobObserver:
+    return metrics.job(
+        request_id=spec.request_id,
+        op=spec.op,
+        model=model,
+        worker=worker,
+        engine=engine,
+        traceparent=spec.traceparent,
+        queued_ms=spec.queued_ms,
+    )
+
+
+async def _generate(handle: JobHandle, engine: Engine, obs: JobObserver | None) -> p.Usage:
+    """The engine's answer streamed to the reply subject, within the request's deadline."""
+    spec = handle.spec
+    timeout_at: float | None = None
+    if spec.deadline_ms is not None:
+        remaining = (spec.deadline_ms - p.now_ms()) / 1000.0
+        timeout_at = asyncio.get_running_loop().time() + remaining
+    async with asyncio.timeout_at(timeout_at):
+        if spec.body_ref is not None:
+            spec = await handle.alive_while(_load_body(handle))
+        upstream_tp = spec.traceparent
+        if obs is not None:
+            obs.engine_started()
+            upstream_tp = obs.upstream_traceparent() or upstream_tp
+        UPSTREAM_TRACEPARENT.set(upstream_tp)  # this job's task only
+        return await _execute(spec, engine, handle)
+
+
+async def _end_with(handle: JobHandle, err: FleetError) -> None:
+    """The terminal `error` (acked first: the request has its answer)."""
+    await handle.ack()
+    await handle.writer.error(err)
 
 
 async def _load_body(handle: JobHandle) -> JobSpec:
@@ -430,10 +440,3 @@ async def _execute(spec: JobSpec, engine: Engine, handle: JobHandle) -> p.Usage:
         raise _decode_error(exc) from exc
     except UnicodeDecodeError as exc:
         raise InvalidRequest("Request body is not valid UTF-8.") from exc
-
-
-async def _end_cancelled(
-    first: Callable[[], Awaitable[None]], out: ReplyWriter, err: FleetError
-) -> None:
-    await first()
-    await out.error(err)

@@ -141,12 +141,41 @@ class JobObserver:
             span.end()
 
 
+_OUTCOME_FIELDS = (("completed", {OUTCOME: "completed"}), ("failed", {OUTCOME: "failed"}))
+_CANCEL = "llmfleet.cancel.reason"
+
+Fields = tuple[tuple[str, dict[str, str]], ...]  # (RunnerStats field, extra labels), ...
+
+# (kind, name, unit, description, fields), read per model at each scrape
+_WORKER_INSTRUMENTS: tuple[tuple[str, str, str, str, Fields], ...] = (
+    ("counter", "llmfleet.worker.requests", "{request}",
+     "Requests run to their terminal reply, by outcome (completed: done; failed: error)",
+     _OUTCOME_FIELDS),
+    ("counter", "llmfleet.worker.tokens", "{token}",
+     "Tokens of completed requests, by gen_ai.token.type",
+     (("tokens_in", {"gen_ai.token.type": "input"}),
+      ("tokens_out", {"gen_ai.token.type": "output"}))),
+    ("counter", "llmfleet.worker.cancellations", "{request}",
+     "Running requests cancelled: by a cancel message, because nobody reads the reply "
+     "stream any more, or when the drain grace ran out",
+     (("cancelled", {_CANCEL: "cancel"}), ("listener_gone", {_CANCEL: "listener_gone"}),
+      ("drain_cancelled", {_CANCEL: "drain"}))),
+    ("counter", "llmfleet.worker.deliveries.refused", "{request}",
+     "Delivered requests not run: handed back (nak: draining or no slot) or expired",
+     (("naks", {"llmfleet.refusal": "nak"}), ("expired", {"llmfleet.refusal": "expired"}))),
+    ("updown", "llmfleet.worker.requests.active", "{request}", "Requests running now",
+     (("in_flight", {}),)),
+    ("updown", "llmfleet.worker.slots", "{request}", "Slots (max concurrency)",
+     (("max_concurrency", {}),)),
+    ("updown", "llmfleet.worker.pulls", "{request}",
+     "Open pull requests (free slots asking the broker for work)", (("credits", {}),)),
+)  # fmt: skip
+
+
 def observe_worker(tel: Telemetry, runners: Callable[[], list[Any]], nc: Callable[[], Any]) -> None:
     """Counters and gauges read at scrape time from the runners' stats snapshots."""
 
-    def per_model(
-        *fields: tuple[str, Mapping[str, Any]],
-    ) -> Callable[[], Iterator[tuple[float, Mapping[str, Any]]]]:
+    def per_model(fields: Fields) -> Callable[[], Iterator[tuple[float, Mapping[str, Any]]]]:
         def read() -> Iterator[tuple[float, Mapping[str, Any]]]:
             for r in runners():
                 st = r.stats()
@@ -155,62 +184,8 @@ def observe_worker(tel: Telemetry, runners: Callable[[], list[Any]], nc: Callabl
 
         return read
 
-    tel.observe(
-        "counter",
-        "llmfleet.worker.requests",
-        "{request}",
-        "Requests run to their terminal reply, by outcome (completed: done; failed: error)",
-        per_model(("completed", {OUTCOME: "completed"}), ("failed", {OUTCOME: "failed"})),
-    )
-    tel.observe(
-        "counter",
-        "llmfleet.worker.tokens",
-        "{token}",
-        "Tokens of completed requests, by gen_ai.token.type",
-        per_model(
-            ("tokens_in", {"gen_ai.token.type": "input"}),
-            ("tokens_out", {"gen_ai.token.type": "output"}),
-        ),
-    )
-    tel.observe(
-        "counter",
-        "llmfleet.worker.cancellations",
-        "{request}",
-        "Running requests cancelled: by a cancel message, because nobody reads the reply "
-        "stream any more, or when the drain grace ran out",
-        per_model(
-            ("cancelled", {"llmfleet.cancel.reason": "cancel"}),
-            ("listener_gone", {"llmfleet.cancel.reason": "listener_gone"}),
-            ("drain_cancelled", {"llmfleet.cancel.reason": "drain"}),
-        ),
-    )
-    tel.observe(
-        "counter",
-        "llmfleet.worker.deliveries.refused",
-        "{request}",
-        "Delivered requests not run: handed back (nak: draining or no slot) or expired",
-        per_model(
-            ("naks", {"llmfleet.refusal": "nak"}), ("expired", {"llmfleet.refusal": "expired"})
-        ),
-    )
-    tel.observe(
-        "updown",
-        "llmfleet.worker.requests.active",
-        "{request}",
-        "Requests running now",
-        per_model(("in_flight", {})),
-    )
-    tel.observe(
-        "updown", "llmfleet.worker.slots", "{request}", "Slots (max concurrency)",
-        per_model(("max_concurrency", {})),
-    )  # fmt: skip
-    tel.observe(
-        "updown",
-        "llmfleet.worker.pulls",
-        "{request}",
-        "Open pull requests (free slots asking the broker for work)",
-        per_model(("credits", {})),
-    )
+    for kind, name, unit, description, fields in _WORKER_INSTRUMENTS:
+        tel.observe(kind, name, unit, description, per_model(fields))
     tel.observe(
         "counter",
         "llmfleet.nats.reconnects",

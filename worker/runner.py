@@ -241,34 +241,16 @@ class ModelRunner:
                     self._pulls.popitem(last=False)
                 await self._on_delivered(msg)
             case PullEnded(pull_id=pid, status=status):
-                if self._pulls.pop(pid, None) is None and self._pulls:
-                    self._pulls.popitem(last=False)
-                if status != "408":  # 409 etc.: the broker refused the pull; do not spin
-                    log.warning("pull for %s refused: status %s", self.model_id, status)
-                    self._pull_backoff_until = asyncio.get_running_loop().time() + 1.0
+                self._on_pull_ended(pid, status)
             case JobFinished(result=res):
-                job = self._jobs.pop(res.request_id, None)
-                if job is not None:
-                    self._watch.pop(job[1].writer.watch.rsplit(".", 1)[-1], None)
-                if res.ok:
-                    self._completed += 1
-                    self._tokens_out += res.tokens_out
-                    self._tokens_in += res.tokens_in
-                else:
-                    self._failed += 1
-                self._maybe_stopped()
+                self._on_finished(res)
             case CancelJob(request_id=rid):
                 job = self._jobs.get(rid)
                 if job is not None:
                     self._cancelled += 1
                     job[0].cancel()
             case ListenerGone(token=token):
-                owner = self._watch.get(token)
-                job = self._jobs.get(owner) if owner is not None else None
-                if job is not None:
-                    self._listener_gone += 1
-                    log.info("request %s: nobody reads its replies; cancelled", owner)
-                    job[0].cancel()
+                self._on_listener_gone(token)
             case Reconnected():
                 self._pulls.clear()
             case Tick():
@@ -276,9 +258,35 @@ class ModelRunner:
             case Drain(grace_s=grace):
                 if self._state is RunnerState.READY:
                     self._state = RunnerState.DRAINING
-                    loop = asyncio.get_running_loop()
-                    self._drain_deadline = loop.time() + grace
+                    self._drain_deadline = asyncio.get_running_loop().time() + grace
                 self._maybe_stopped()
+
+    def _on_pull_ended(self, pull_id: int, status: str) -> None:
+        if self._pulls.pop(pull_id, None) is None and self._pulls:
+            self._pulls.popitem(last=False)
+        if status != "408":  # 409 etc.: the broker refused the pull; do not spin
+            log.warning("pull for %s refused: status %s", self.model_id, status)
+            self._pull_backoff_until = asyncio.get_running_loop().time() + 1.0
+
+    def _on_finished(self, res: JobResult) -> None:
+        job = self._jobs.pop(res.request_id, None)
+        if job is not None:
+            self._watch.pop(job[1].writer.watch.rsplit(".", 1)[-1], None)
+        if res.ok:
+            self._completed += 1
+            self._tokens_out += res.tokens_out
+            self._tokens_in += res.tokens_in
+        else:
+            self._failed += 1
+        self._maybe_stopped()
+
+    def _on_listener_gone(self, token: str) -> None:
+        owner = self._watch.get(token)
+        job = self._jobs.get(owner) if owner is not None else None
+        if job is not None:
+            self._listener_gone += 1
+            log.info("request %s: nobody reads its replies; cancelled", owner)
+            job[0].cancel()
 
     def _on_tick(self) -> None:
         now = asyncio.get_running_loop().time()

@@ -226,56 +226,22 @@ class Worker:
 
     async def _serve(self, nc: Any, ready: asyncio.Future[None] | None) -> None:
         """Announce at once (state `starting`: gateways list the models and requests queue
-        in the broker), load engines, then pull; drain on stop."""
+        in the broker), load engines, then pull; drain on stop. Phases in order."""
         s = self.settings
-        loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
-            ctl = await nc.subscribe(names.control_subject(self.worker_id), cb=self._on_control)
-            disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=self._on_discover)
-            svc = await start_service(
-                nc,
-                worker_id=self.worker_id,
-                host=self.host,
-                engine=self.engine_kinds,
-                models=[m.model_id for m in self.models],
-                snapshot=self.announcement,
-                drain=self.request_drain,
-            )
-            await flush(nc)
-            metrics_task = None
+            subs, svc = await self._listen(nc)
+            background = [tg.create_task(self._heartbeats())]
             if s.metrics_port > 0 and self.telemetry.metrics:
-                bound: asyncio.Future[int] = loop.create_future()
-                metrics_task = tg.create_task(
-                    serve_metrics(self.telemetry, s.metrics_host, s.metrics_port, bound)
+                bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+                background.append(
+                    tg.create_task(
+                        serve_metrics(self.telemetry, s.metrics_host, s.metrics_port, bound)
+                    )
                 )
                 self.metrics_port = await bound
-            beats = tg.create_task(self._heartbeats())
-            starting = tg.create_task(self._start_engines())
-            stop = tg.create_task(self._stop.wait())
-            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
-            runner_tasks = []
-            started_ok = False
-            if starting.done():
-                started_ok = starting.result()
-                if not started_ok:
-                    self.failed = True
-                    stop.cancel()
-            if started_ok:
-                for m in self.models:
-                    runner = ModelRunner(
-                        model_id=m.model_id,
-                        engine=m.engine,
-                        max_concurrency=m.max_concurrency,
-                        nc=nc,
-                        worker_id=self.worker_id,
-                        settings=s.runner,
-                        bodies=BodyStore(jetstream(nc), BodySettings(replicas=s.queue.replicas)),
-                        metrics=self._job_metrics if self.telemetry.enabled else None,
-                    )
-                    started: asyncio.Future[None] = loop.create_future()
-                    runner_tasks.append(tg.create_task(runner.run(started)))
-                    await started
-                    self.runners.append(runner)
+            runner_tasks: list[asyncio.Task[None]] = []
+            if await self._started():
+                runner_tasks = await self._start_runners(nc, tg)
                 self.state = transition(self.state, RunnerState.READY)  # not if draining
                 await self._announce()
                 log.info(
@@ -285,22 +251,72 @@ class Worker:
                 )
                 if ready is not None:
                     ready.set_result(None)
-                await stop
+                await self._stop.wait()
                 log.info("worker %s draining (grace %.0fs)", self.worker_id, s.drain_grace_s)
-            elif not self.failed:
-                starting.cancel()
-                log.info("worker %s stopped while starting", self.worker_id)
             self.state = transition(self.state, RunnerState.DRAINING)
             await self._announce()
             for r in self.runners:
                 r.drain(s.drain_grace_s)
             await asyncio.gather(*runner_tasks)
             await svc.stop()
-            await disc.unsubscribe()
-            await ctl.unsubscribe()
+            for sub in subs:
+                await sub.unsubscribe()
             self.state = transition(self.state, RunnerState.STOPPED)
-            beats.cancel()
-            if metrics_task is not None:
-                metrics_task.cancel()
+            for task in background:
+                task.cancel()
             await self._announce()
             log.info("worker %s stopped", self.worker_id)
+
+    async def _listen(self, nc: Any) -> tuple[list[Any], Any]:
+        """The control subject, `discover`, and the micro service, before anything runs."""
+        ctl = await nc.subscribe(names.control_subject(self.worker_id), cb=self._on_control)
+        disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=self._on_discover)
+        svc = await start_service(
+            nc,
+            worker_id=self.worker_id,
+            host=self.host,
+            engine=self.engine_kinds,
+            models=[m.model_id for m in self.models],
+            snapshot=self.announcement,
+            drain=self.request_drain,
+        )
+        await flush(nc)
+        return [disc, ctl], svc
+
+    async def _started(self) -> bool:
+        """Load every engine, unless a stop comes first. False: do not serve (the engines
+        failed, `self.failed` is set; or a stop came while they loaded)."""
+        async with asyncio.TaskGroup() as tg:
+            starting = tg.create_task(self._start_engines())
+            stop = tg.create_task(self._stop.wait())
+            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not starting.done():
+                starting.cancel()
+                log.info("worker %s stopped while starting", self.worker_id)
+                return False
+        if not starting.result():
+            self.failed = True
+            return False
+        return True
+
+    async def _start_runners(self, nc: Any, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """One runner per model, each started (subscribed to its pulls) before the next."""
+        s = self.settings
+        tasks = []
+        for m in self.models:
+            runner = ModelRunner(
+                model_id=m.model_id,
+                engine=m.engine,
+                max_concurrency=m.max_concurrency,
+                nc=nc,
+                worker_id=self.worker_id,
+                settings=s.runner,
+                bodies=BodyStore(jetstream(nc), BodySettings(replicas=s.queue.replicas)),
+                metrics=self._job_metrics if self.telemetry.enabled else None,
+            )
+            started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            tasks.append(tg.create_task(runner.run(started)))
+            await started
+            self.runners.append(runner)
+        return tasks

@@ -99,15 +99,12 @@ def schema_instance(schema: Any, root: Any = None, depth: int = 0) -> Any:
     if kind == "array":
         n = int(schema.get("minItems", 0))
         return [schema_instance(schema.get("items", {}), root, depth + 1) for _ in range(n)]
-    if kind == "string":
-        return "sim"
-    if kind == "integer":
-        return int(schema.get("minimum", 0))
-    if kind == "number":
-        return float(schema.get("minimum", 0))
-    if kind == "boolean":
-        return False
-    return None
+    if kind in ("integer", "number"):
+        return (int if kind == "integer" else float)(schema.get("minimum", 0))
+    return _SCALARS.get(str(kind))
+
+
+_SCALARS: dict[str, Any] = {"string": "sim", "boolean": False}
 
 
 def _json_pieces(value: Any) -> list[str]:
