@@ -9,6 +9,7 @@ reply (`done` or `error`) and a `JobResult` for the runner.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -278,18 +279,20 @@ class JobHandle:
             await self.writer.heartbeat()
 
     async def alive_while(self, work: Awaitable[T]) -> T:
-        """Await `work` (run as a child task), keeping the job alive meanwhile."""
-        async with asyncio.TaskGroup() as tg:
-            task = tg.create_task(_awaited(work))
+        """Await `work` (run as a child task, owned here), keeping the job alive meanwhile.
+        Its exception is raised as itself (a 400 stays a 400), not wrapped in a group."""
+        task = asyncio.ensure_future(work)
+        try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=KEEP_ALIVE_S)
                 if done:
                     return task.result()
                 await self.keep_alive()
-
-
-async def _awaited(work: Awaitable[T]) -> T:
-    return await work
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 async def _next_item(queue: asyncio.Queue[Q], keep_alive: Callable[[], Awaitable[None]]) -> Q:

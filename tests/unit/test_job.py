@@ -98,8 +98,8 @@ class Slow:
     """An engine that takes `wait` seconds before answering (embeddings), or between its
     first and second token (chat)."""
 
-    def __init__(self, wait: float) -> None:
-        self.wait = wait
+    def __init__(self, wait: float, exc: Exception | None = None) -> None:
+        self.wait, self.exc = wait, exc
 
     def card(self) -> ModelCard:
         return ModelCard(engine="slow")
@@ -122,6 +122,8 @@ class Slow:
 
     async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
         await asyncio.sleep(self.wait)
+        if self.exc is not None:
+            raise self.exc
         return EmbedResult(embeddings=[[1.0]], usage=p.Usage(1, 0, 1))
 
 
@@ -145,3 +147,16 @@ async def test_a_silent_stream_gets_heartbeats_from_its_job() -> None:
     beats = [r for r in rec.replies() if isinstance(r, p.Heartbeat)]
     assert len(beats) >= 2 and all(b.last_seq == 1 for b in beats)  # after the first delta
     assert rec.acks() == [b"+ACK"]  # acked at the first output: no +WPI after it
+
+
+async def test_an_engine_error_after_a_long_wait_keeps_its_status() -> None:
+    rec = Recorder()
+    body = json.dumps({"model": "m", "input": "x"}).encode()
+    spec = JobSpec(request_id="r", op="embedding", reply="reply", body=body)
+    bad = InvalidRequest("too many dimensions", param="dimensions")
+    await run_job(
+        JobHandle(rec, spec, "ack", "watch"), engine=Slow(0.7, bad), worker="w", model="m"
+    )
+    err = rec.replies()[-1]
+    assert isinstance(err, p.Error) and err.status == 400 and err.error.param == "dimensions"
+    assert rec.acks()[0] == b"+WPI"  # it did wait past a keep-alive first
