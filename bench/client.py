@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from worker.httppool import ShardedClient
+from worker.engines.httppool import ShardedClient
 
 
 def pct(values: list[float], q: float) -> float:

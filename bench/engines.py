@@ -87,8 +87,8 @@ def measure_xllamacpp() -> dict[str, Any]:
     import httpx  # noqa: PLC0415
     import xllamacpp  # noqa: PLC0415
 
-    from worker.gguf import read_metadata  # noqa: PLC0415
-    from worker.llamacpp_engine import chat_template  # noqa: PLC0415
+    from worker.engines.gguf import read_metadata  # noqa: PLC0415
+    from worker.engines.llamacpp import chat_template  # noqa: PLC0415
     from worker.settings import LlamaCppSettings  # noqa: PLC0415
 
     path = _gguf()

@@ -26,10 +26,10 @@ from llmfleet.broker import free_port
 from tests.natshelp import connected, publish_request, request_headers
 from tests.procs import Fleet, Gateway, Proc
 from tests.upstream_server import RunningServer, ServerSettings
-from worker.openai_engine import OpenAIEngine
+from worker.engines.openai import OpenAIEngine
+from worker.engines.sim import SimEngine
 from worker.service import ServedModel, Worker
 from worker.settings import OpenAISettings, SimSettings, WorkerSettings
-from worker.sim import SimEngine
 
 OBS = "obs-model"
 IDLE = "idle-model"

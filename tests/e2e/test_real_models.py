@@ -69,8 +69,8 @@ class Tokenizer:
     def __init__(self) -> None:
         import xllamacpp  # noqa: PLC0415
 
-        from worker.gguf import read_metadata  # noqa: PLC0415
-        from worker.llamacpp_engine import chat_template  # noqa: PLC0415
+        from worker.engines.gguf import read_metadata  # noqa: PLC0415
+        from worker.engines.llamacpp import chat_template  # noqa: PLC0415
         from worker.settings import LlamaCppSettings  # noqa: PLC0415
 
         path = _gguf()

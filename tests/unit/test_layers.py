@@ -13,7 +13,9 @@ def test_no_import_breaks_the_layers() -> None:
 
 def test_the_check_sees_lazy_imports_and_flags_a_wrong_one(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    from gateway.app import GatewayApp\n\nimport worker.sim\n")
+    src.write_text(
+        "def f():\n    from gateway.app import GatewayApp\n\nimport worker.engines.sim\n"
+    )
     assert sorted(layers.imports(src)) == [(2, "gateway"), (4, "worker")]
     g = layers.graph()
     assert "worker" not in g["gateway"] and "gateway" not in g["worker"]

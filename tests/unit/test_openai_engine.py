@@ -1,4 +1,4 @@
-"""`worker.openai_engine` against the real test upstream (tests/upstream_server.py) on uvicorn."""
+"""`worker.engines.openai` against the real test upstream (tests/upstream_server.py) on uvicorn."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from common.protocol import Usage
 from common.telemetry import UPSTREAM_TRACEPARENT
 from tests.upstream_server import RunningServer, ServerSettings
 from worker.engine import EngineEvent, Output
-from worker.openai_engine import OpenAIEngine, SSEParser, UpChunk, chunk_output, upstream_error
+from worker.engines.openai import OpenAIEngine, SSEParser, UpChunk, chunk_output, upstream_error
 from worker.settings import OpenAISettings
 
 SECRET = "sk-very-secret-upstream-key"

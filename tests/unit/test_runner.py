@@ -14,9 +14,9 @@ from common import names
 from common import protocol as p
 from common.fakebus import FakeBus, FakeMsg
 from tests.natshelp import request_headers
+from worker.engines.sim import SimEngine
 from worker.runner import Drain, ModelRunner
 from worker.settings import SimSettings
-from worker.sim import SimEngine
 
 SLOTS = 2
 NEXT = f"$JS.API.CONSUMER.MSG.NEXT.{names.REQUEST_STREAM}.{names.consumer_name('m')}"

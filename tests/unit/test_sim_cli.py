@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from llmfleet.cli import build_parser
-from worker.sim import embed_text
-from worker.sim_plan import apply_stop, sim_text
+from worker.engines.sim import embed_text
+from worker.engines.sim_plan import apply_stop, sim_text
 
 
 def test_sim_text_is_deterministic() -> None:
@@ -52,7 +52,7 @@ def test_bad_environment_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_schema_instance_validates_common_shapes() -> None:
-    from worker.sim_plan import schema_instance  # noqa: PLC0415
+    from worker.engines.sim_plan import schema_instance  # noqa: PLC0415
 
     schema = {
         "type": "object",

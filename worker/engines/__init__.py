@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 
 from worker.engine import Engine
+from worker.engines.sim import SimEngine
 from worker.settings import EngineSettings
-from worker.sim import SimEngine
 
 
 class EngineUnavailable(ValueError):
@@ -22,17 +22,17 @@ def build_engine(
         case "sim":
             return SimEngine(settings.sim)
         case "openai":
-            from worker.openai_engine import OpenAIEngine  # noqa: PLC0415
+            from worker.engines.openai import OpenAIEngine  # noqa: PLC0415
 
             return OpenAIEngine(msgspec.structs.replace(settings.openai, served_model=model_id))
         case "llamacpp":
-            from worker.llamacpp_engine import LlamaCppEngine  # noqa: PLC0415
+            from worker.engines.llamacpp import LlamaCppEngine  # noqa: PLC0415
 
             path = model_path or settings.llamacpp.model_path or default_gguf()
             s = msgspec.structs.replace(settings.llamacpp, model_path=path, n_parallel=slots)
             return LlamaCppEngine(s)
         case "embeddings":
-            from worker.st_engine import SentenceTransformerEngine  # noqa: PLC0415
+            from worker.engines.embeddings import SentenceTransformerEngine  # noqa: PLC0415
 
             path = model_path or settings.embeddings.model_path
             return SentenceTransformerEngine(

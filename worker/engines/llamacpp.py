@@ -49,8 +49,8 @@ from common.errors import EngineError, InvalidRequest, ServiceUnavailable, Upstr
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest, prompt_texts
 from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
-from worker.gguf import GGUFError, read_metadata
-from worker.openai_engine import UpChunk, chunk_output, up_usage
+from worker.engines.gguf import GGUFError, read_metadata
+from worker.engines.openai import UpChunk, chunk_output, up_usage
 from worker.settings import LlamaCppSettings
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def chat_template(settings: LlamaCppSettings, meta: dict[str, Any]) -> tuple[str
     shipped = _BUILTIN_BY_ARCH.get(str(meta.get("general.architecture", "")))
     if shipped is None:
         return "", True  # llama.cpp falls back to chatml
-    return resources.files("worker").joinpath("templates", shipped).read_text("utf-8"), True
+    return resources.files("worker.engines").joinpath("templates", shipped).read_text("utf-8"), True
 
 
 def engine_error(err: Any) -> EngineError | UpstreamError:

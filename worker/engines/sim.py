@@ -1,6 +1,6 @@
 """`sim`: a deterministic simulated model for development, tests and benchmarks.
 
-What it answers is decided in `worker/sim_plan.py`; this module plays it out in time.
+What it answers is decided in `worker/engines/sim_plan.py`; this module plays it out in time.
 
 It is honest about being simulated: its catalog entry says `simulated: true`. Output is a
 stream of words chosen by hashing (prompt, seed, choice, position), so the same request
@@ -28,8 +28,14 @@ from common.openai_types import (
 )
 from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
+from worker.engines.sim_plan import (
+    Plan,
+    chat_logprobs,
+    completion_logprobs,
+    plan_chat,
+    plan_completion,
+)
 from worker.settings import SimSettings
-from worker.sim_plan import Plan, chat_logprobs, completion_logprobs, plan_chat, plan_completion
 
 
 def _words(text: str) -> list[str]:

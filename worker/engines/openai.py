@@ -48,7 +48,7 @@ from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.protocol import ChoiceDelta, Usage
 from common.telemetry import UPSTREAM_TRACEPARENT
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
-from worker.httppool import ShardedClient
+from worker.engines.httppool import ShardedClient
 from worker.settings import OpenAISettings
 
 log = logging.getLogger(__name__)
