@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import nats
@@ -20,11 +20,46 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from common.bus import Bus
+from common.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
 NATS_ERRORS: tuple[type[Exception], ...] = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 """What a NATS or JetStream call raises when the broker cannot serve it."""
+
+
+@contextlib.contextmanager
+def broker_errors(what: str) -> Iterator[None]:
+    """Translate a NATS or JetStream failure inside into `ServiceUnavailable` (503)."""
+    try:
+        yield
+    except NATS_ERRORS as exc:
+        raise ServiceUnavailable(
+            f"{what}: the broker did not answer ({type(exc).__name__})"
+        ) from exc
+
+
+async def publish_best_effort(nc: Bus, subject: str, data: bytes) -> bool:
+    """Publish if connected; a failure is not an error (announcements repeat)."""
+    if not nc.is_connected:
+        return False
+    try:
+        await nc.publish(subject, data)
+    except NATS_ERRORS:
+        return False
+    return True
+
+
+async def jetstream_ready(nc: Bus, js: Any) -> bool:
+    """Connected, and JetStream answers (one API request)."""
+    if not nc.is_connected:
+        return False
+    try:
+        await js.account_info()
+    except NATS_ERRORS:
+        return False
+    return True
+
 
 PING_INTERVAL_S = 2
 """Client ping interval: a dead or frozen server is noticed within ~2 pings (4-6 s)

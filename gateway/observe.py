@@ -19,8 +19,9 @@ import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from common.errors import ServiceUnavailable
 from common.logs import ACCESS_LOGGER
-from common.natsconn import NATS_ERRORS
+from common.natsconn import broker_errors
 from common.queue import QueueDepth, queue_depth, queued_models
 from common.telemetry import (
     DURATION_BUCKETS,
@@ -304,15 +305,17 @@ class GatewayMetrics:
             try:
                 # Models no worker serves (requests from NATS producers wait for one): a
                 # bounded number, since these names come from whoever may publish.
-                orphans = sorted(await queued_models(js) - wanted)
+                with broker_errors("queued models"):
+                    orphans = sorted(await queued_models(js) - wanted)
                 wanted.update(orphans[:MAX_ORPHAN_MODELS])
-            except NATS_ERRORS as exc:
-                log.debug("queued models: %s", exc)
+            except ServiceUnavailable as exc:
+                log.debug("%s", exc)
             for model in sorted(wanted):
                 try:
-                    self.queue[model] = await queue_depth(js, model)
-                except NATS_ERRORS as exc:
-                    log.debug("queue depth of %s: %s", model, exc)
+                    with broker_errors(f"queue depth of {model}"):
+                        self.queue[model] = await queue_depth(js, model)
+                except ServiceUnavailable as exc:
+                    log.debug("%s", exc)
             for gone in set(self.queue) - set(wanted):
                 del self.queue[gone]
             await asyncio.sleep(every_s)

@@ -12,14 +12,19 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 import uvicorn
 
 from common import __version__, names
 from common import protocol as p
 from common.bodies import BodyStore
-from common.natsconn import NATS_ERRORS, close, connect, flush, jetstream
+from common.natsconn import (
+    close,
+    connect,
+    flush,
+    jetstream,
+    jetstream_ready,
+    publish_best_effort,
+)
 from common.queue import ensure_stream
 from common.settings import BodySettings
 from common.telemetry import Telemetry
@@ -100,10 +105,8 @@ class Gateway:
         )
 
     async def _announce(self, nc: Any, catalog: Catalog, state: str = "ready") -> None:
-        if nc.is_connected:
-            subject = names.GATEWAY_HB_PREFIX + self.gateway_id
-            with contextlib.suppress(nats.errors.Error):
-                await nc.publish(subject, p.encode(self.announcement(catalog, state)))
+        subject = names.GATEWAY_HB_PREFIX + self.gateway_id
+        await publish_best_effort(nc, subject, p.encode(self.announcement(catalog, state)))
 
     async def _announce_every(self, nc: Any, catalog: Catalog) -> None:
         while True:
@@ -199,13 +202,7 @@ class Gateway:
         )
 
         async def ready_check() -> bool:
-            if not nc.is_connected:
-                return False
-            try:
-                await js.account_info()
-            except NATS_ERRORS:
-                return False
-            return True
+            return await jetstream_ready(nc, js)
 
         app = GatewayApp(
             dispatcher=dispatcher,
