@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -178,6 +178,29 @@ def _decode_error(exc: msgspec.DecodeError) -> InvalidRequest:
     return InvalidRequest(message, param=param)
 
 
+class _Batch:
+    """What one drain of a job's event queue holds, sorted."""
+
+    __slots__ = ("failure", "finished", "keep_alive_due", "outputs", "usage")
+
+    def __init__(self, batch: list[EngineEvent | _Failed | _KeepAliveDue | None]) -> None:
+        self.outputs: list[list[p.ChoiceDelta]] = []
+        self.usage: p.Usage | None = None
+        self.failure: BaseException | None = None
+        self.finished = self.keep_alive_due = False
+        for ev in batch:
+            if ev is KEEP_ALIVE_DUE:
+                self.keep_alive_due = True
+            elif isinstance(ev, Output):
+                self.outputs.append(ev.choices)
+            elif isinstance(ev, p.Usage):
+                self.usage = ev
+            elif isinstance(ev, _Failed):
+                self.finished, self.failure = True, ev.exc
+            elif ev is None:
+                self.finished = True
+
+
 async def _pump(
     events: AsyncIterator[EngineEvent],
     out: ReplyWriter,
@@ -185,7 +208,7 @@ async def _pump(
     keep_alive: Callable[[], Awaitable[None]],
 ) -> p.Usage:
     """Stream engine output to `out`, coalescing whatever piled up since the last send."""
-    queue: asyncio.Queue[EngineEvent | _Failed | None] = asyncio.Queue(_QUEUE_MAX)
+    queue: asyncio.Queue[EngineEvent | _Failed | _KeepAliveDue | None] = asyncio.Queue(_QUEUE_MAX)
     usage = p.Usage()
     failure: BaseException | None = None
     produced = 0
@@ -200,31 +223,30 @@ async def _pump(
         await queue.put(None)
 
     first = True
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(produce())
-        finished = False
-        while not finished:
-            batch: list[EngineEvent | _Failed | None] = [await _next_item(queue, keep_alive)]
-            while len(batch) < _DRAIN_MAX and not queue.empty():
-                batch.append(queue.get_nowait())
-            outputs: list[list[p.ChoiceDelta]] = []
-            for ev in batch:
-                if ev is None:
-                    finished = True
-                elif isinstance(ev, _Failed):
-                    finished = True
-                    failure = ev.exc
-                elif isinstance(ev, Output):
-                    outputs.append(ev.choices)
-                else:
-                    usage = ev
-            produced += len(outputs)
-            for choices in coalesce(outputs):
-                if first:
-                    first = False
-                    out.first_output_at = time.perf_counter()
-                    await on_first()
-                await out.send(p.Delta(seq=out.next_seq(), choices=choices, tokens=produced))
+    ticker = _Ticker(queue)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(produce())
+            finished = False
+            while not finished:
+                batch = [await queue.get()]
+                while len(batch) < _DRAIN_MAX and not queue.empty():
+                    batch.append(queue.get_nowait())
+                got = _Batch(batch)
+                usage = got.usage or usage
+                failure = failure or got.failure
+                finished, outputs = got.finished, got.outputs
+                produced += len(outputs)
+                for choices in coalesce(outputs):
+                    if first:
+                        first = False
+                        out.first_output_at = time.perf_counter()
+                        await on_first()
+                    await out.send(p.Delta(seq=out.next_seq(), choices=choices, tokens=produced))
+                if got.keep_alive_due:
+                    await keep_alive()
+    finally:
+        ticker.stop()
     if failure is not None:
         raise failure
     if first:
@@ -295,15 +317,27 @@ class JobHandle:
                     await task
 
 
-async def _next_item(queue: asyncio.Queue[Q], keep_alive: Callable[[], Awaitable[None]]) -> Q:
-    """The next item of `queue`; while none comes, the job keeps itself alive."""
-    while queue.empty():
-        try:
-            async with asyncio.timeout(KEEP_ALIVE_S):
-                return await queue.get()
-        except TimeoutError:
-            await keep_alive()
-    return queue.get_nowait()
+class _KeepAliveDue:
+    """Put in a job's own event queue every `KEEP_ALIVE_S` by a loop timer (which touches
+    nothing else): the job's task then sends what is due. Costs nothing per token."""
+
+
+KEEP_ALIVE_DUE = _KeepAliveDue()
+
+
+class _Ticker:
+    def __init__(self, queue: asyncio.Queue[Q]) -> None:
+        self._queue: asyncio.Queue[Any] = queue
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(KEEP_ALIVE_S, self._tick)
+
+    def _tick(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):  # full: the job is busy sending anyway
+            self._queue.put_nowait(KEEP_ALIVE_DUE)
+        self._handle = self._loop.call_later(KEEP_ALIVE_S, self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 async def run_job(
