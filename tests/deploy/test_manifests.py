@@ -410,3 +410,15 @@ def test_docs_link_deploy_files_that_exist(path: str) -> None:
     assert deploy_links, path
     for link in deploy_links:
         assert (base / link).is_file(), f"{path} links {link}"
+
+
+def test_the_image_build_copies_every_package_the_project_ships() -> None:
+    import tomllib  # noqa: PLC0415
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    top = {p.split(".")[0] for p in meta["tool"]["setuptools"]["packages"]}
+    copied = set(
+        re.findall(r"^COPY (\w+) \./\1$", (REPO / "deploy" / "Dockerfile").read_text(), re.M)
+    )
+    assert top == {"common", "gateway", "worker", "llmfleet"}
+    assert top <= copied, f"deploy/Dockerfile does not copy {sorted(top - copied)}"
