@@ -171,12 +171,19 @@ class FakeAck:
         self.seq = seq
 
 
+class Stored:
+    """One message in the fake stream."""
+
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        self.subject, self.data, self.headers = subject, data, headers
+
+
 class FakeJetStream:
     """Implements `common.bus.JetStream`: a store of published requests by sequence."""
 
     def __init__(self, stream: str = "LLMFLEET_REQUESTS") -> None:
         self.stream = stream
-        self.messages: dict[int, FakeMsg] = {}
+        self.messages: dict[int, Stored] = {}
         self.deleted: list[int] = []
         self.fail_next: list[Exception] = []  # raised by the next publishes, in order
         self._seq = itertools.count(1)
@@ -192,7 +199,7 @@ class FakeJetStream:
         if self.fail_next:
             raise self.fail_next.pop(0)
         seq = next(self._seq)
-        self.messages[seq] = FakeMsg(FakeBus(), subject, payload, "", headers)
+        self.messages[seq] = Stored(subject, payload, headers)
         return FakeAck(self.stream, seq)
 
     async def delete_msg(self, stream_name: str, seq: int) -> bool:

@@ -255,7 +255,6 @@ async def _pump(
 
 
 T = TypeVar("T")
-Q = TypeVar("Q")
 
 KEEP_ALIVE_S = 0.5
 """While a job waits (for the engine, a body by reference), it checks this often whether
@@ -326,8 +325,8 @@ KEEP_ALIVE_DUE = _KeepAliveDue()
 
 
 class _Ticker:
-    def __init__(self, queue: asyncio.Queue[Q]) -> None:
-        self._queue: asyncio.Queue[Any] = queue
+    def __init__(self, queue: asyncio.Queue[Any]) -> None:
+        self._queue = queue
         self._loop = asyncio.get_running_loop()
         self._handle = self._loop.call_later(KEEP_ALIVE_S, self._tick)
 
