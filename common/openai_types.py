@@ -66,7 +66,7 @@ class _Generating:
 
 class ChatRequest(msgspec.Struct, _Generating, omit_defaults=True):
     messages: list[ChatMessage]
-    model: str = ""  # empty: the gateway's --default-model, if it has one
+    model: str | None = None  # absent, null or empty: the gateway's --default-model
     max_tokens: TokenCount | None = None
     max_completion_tokens: TokenCount | None = None
     n: ChoiceCount | None = None
@@ -94,7 +94,7 @@ class ChatRequest(msgspec.Struct, _Generating, omit_defaults=True):
 
 class CompletionRequest(msgspec.Struct, _Generating, omit_defaults=True):
     prompt: str | list[str | int | list[int]]
-    model: str = ""
+    model: str | None = None
     max_tokens: TokenCount | None = 16
     n: ChoiceCount | None = None
     stream: bool | None = None
@@ -121,7 +121,7 @@ class CompletionRequest(msgspec.Struct, _Generating, omit_defaults=True):
 
 class EmbeddingRequest(msgspec.Struct, omit_defaults=True):
     input: str | list[str | int | list[int]]
-    model: str = ""
+    model: str | None = None
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: PositiveInt | None = None
     user: str | None = None

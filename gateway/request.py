@@ -99,6 +99,7 @@ class Call:
         self.send = send
         self.rid = secrets.token_hex(12)
         self.headers: Headers = [(b"x-request-id", self.rid.encode())]
+        self.traceparent = header(scope, b"traceparent")
         self.started = False  # the HTTP response has begun (status 200 sent)
         self.unsent: list[bytes] = []  # SSE frames not yet written (sent with the next write)
         span = None
@@ -107,7 +108,7 @@ class Call:
                 op,
                 scope["method"],
                 scope["path"],
-                header(scope, b"traceparent"),
+                self.traceparent,
                 header(scope, b"tracestate"),
             )
         self.rec = RequestRecord(op, self.rid, span)
@@ -169,7 +170,7 @@ class Call:
             span.set_attribute(MODEL, parsed.model)
             ctx = trace.set_span_in_context(span)
         return await self.app.dispatcher.submit(
-            parsed, self.rid, header(self.scope, b"traceparent"), timeout_header(self.scope), ctx
+            parsed, self.rid, self.traceparent, timeout_header(self.scope), ctx
         )
 
     # ---- answer ------------------------------------------------------------------------

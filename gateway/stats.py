@@ -4,64 +4,43 @@ gateway's announcement all read.
 `GatewayCounters` is created once by the composition root (`gateway/server.py`) and handed
 to the parts that see each event (the app, the dispatcher, the reply mux); they add to
 it on the event loop, never across an `await`, so no lock is needed. Everyone else reads
-`snapshot()`, a `GatewayStats`: adding a counter is one field here and one line where it
-is counted, and every projection has it.
+`snapshot()`, a `GatewayStats`: adding a counter is a field of `GatewayStats` (and its
+annotation on `GatewayCounters`) and one line where it is counted; every projection has it.
 """
 
 from __future__ import annotations
 
 import msgspec
 
-_FIELDS = (
-    # HTTP
-    "requests",
-    "in_flight",
-    "ok",
-    "client_errors",
-    "server_errors",
-    "disconnects",
-    # the queue
-    "published",
-    "rejected_full",
-    "queue_timeouts",
-    "publish_retries",
-    "by_reference",
-    # failures and failover
-    "workers_lost",
-    "redelivered",
-    "resumed",
-    # cancellations: a cancel sent to a worker, or a request withdrawn from the queue
-    "cancels_sent",
-    "withdrawn",
-    # reply streams
-    "orphans",
-    "overflows",
-)
-
 
 class GatewayStats(msgspec.Struct, frozen=True):
     """The gateway's counters at one moment (totals since start, except the gauges
     `in_flight` and `open_streams`)."""
 
+    # HTTP
     requests: int = 0
     in_flight: int = 0
     ok: int = 0
     client_errors: int = 0
     server_errors: int = 0
     disconnects: int = 0
+    # the queue
     published: int = 0
     rejected_full: int = 0
     queue_timeouts: int = 0
     publish_retries: int = 0
     by_reference: int = 0
+    # failures and failover
     workers_lost: int = 0
     redelivered: int = 0
     resumed: int = 0
+    # cancellations: a cancel sent to a worker, or a request withdrawn from the queue
     cancels_sent: int = 0
     withdrawn: int = 0
+    # reply streams
     orphans: int = 0
     overflows: int = 0
-    open_streams: int = 0
+    open_streams: int = 0  # a gauge, from the mux: not a counter
 
     def as_document(self) -> dict[str, dict[str, int]]:
         """The `/stats` JSON layout (grouped as operators read it)."""
@@ -93,6 +72,9 @@ class GatewayStats(msgspec.Struct, frozen=True):
                 "overflows": self.overflows,
             },
         }
+
+
+_FIELDS = tuple(f for f in GatewayStats.__struct_fields__ if f != "open_streams")
 
 
 class GatewayCounters:

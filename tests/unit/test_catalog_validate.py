@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from common import protocol as p
@@ -105,3 +107,59 @@ def test_explicit_nulls_mean_defaults() -> None:
     assert (got.n, got.stream, got.include_usage) == (1, False, False)
     emb = parse("embedding", b'{"model":"m","input":"x","encoding_format":null}', LIMITS)
     assert emb.op == "embedding"
+
+
+# ---- what a hostile or careless client can send about models, tokens and best_of ---------
+
+HI = '"messages":[{"role":"user","content":"x"}]'
+
+
+@pytest.mark.parametrize("model", ['"model":null,', '"model":"",', ""])
+def test_a_missing_null_or_empty_model_goes_to_the_default_model(model: str) -> None:
+    body = ("{" + model + HI + ',"temperature":0.5,"max_tokens":0}').encode()
+    got = parse("chat", body, LIMITS, "sim-model")
+    assert got.model == "sim-model"
+    doc = json.loads(got.body)  # the body the worker gets names it, and keeps the rest
+    assert doc["model"] == "sim-model" and doc["temperature"] == 0.5 and doc["max_tokens"] == 0
+    with pytest.raises(InvalidRequest) as e:
+        parse("chat", body, LIMITS)
+    assert e.value.param == "model"
+
+
+def test_a_named_model_is_never_replaced_by_the_default() -> None:
+    body = ('{"model":"m",' + HI + "}").encode()
+    got = parse("chat", body, LIMITS, "sim-model")
+    assert got.model == "m" and got.body == body  # not even re-encoded
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ('"best_of":21', "best_of"),
+        ('"best_of":-1', "best_of"),
+        ('"best_of":1e9', "best_of"),
+        ('"best_of":"3"', "best_of"),
+        ('"best_of":2,"n":3', "best_of"),
+        ('"best_of":5', "best_of"),  # over LIMITS.max_n (4)
+        ('"max_tokens":-1', "max_tokens"),
+        ('"max_tokens":101', "max_tokens"),
+    ],
+)
+def test_bad_best_of_and_max_tokens_are_400_naming_them(extra: str, param: str) -> None:
+    body = ('{"model":"m","prompt":"p",' + extra + "}").encode()
+    with pytest.raises(InvalidRequest) as e:
+        parse("completion", body, LIMITS)
+    assert e.value.param == param
+
+
+def test_best_of_times_prompts_is_bounded_even_with_n_1() -> None:
+    body = json.dumps({"model": "m", "prompt": ["a", "b"], "best_of": 3}).encode()
+    with pytest.raises(InvalidRequest) as e:  # 2 prompts x 3 > LIMITS.max_choices (4)
+        parse("completion", body, LIMITS)
+    assert e.value.param == "best_of"
+    ok = parse(
+        "completion",
+        json.dumps({"model": "m", "prompt": ["a", "b"], "best_of": 2}).encode(),
+        LIMITS,
+    )
+    assert ok.n == 2  # choices returned: prompts x n, not best_of
