@@ -1,5 +1,5 @@
 """Metrics and traces for one process: one `Telemetry` object, built by the composition root
-(llmfleet/cli.py, or a test) and passed down. No module globals, no global OTel providers.
+(llmfleet/roots.py, or a test) and passed down. No module globals, no global OTel providers.
 
 Metrics go through the OpenTelemetry SDK `MeterProvider`; its `PrometheusMetricReader`
 (on a registry of our own) serves `/metrics`, and with an OTLP endpoint a periodic reader
