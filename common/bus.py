@@ -82,6 +82,7 @@ class Bus(Publisher, Protocol):
 class PubAck(Protocol):
     stream: str
     seq: int
+    duplicate: bool | None
 
 
 class JetStream(Protocol):

@@ -102,6 +102,22 @@ class FakeBus:
             if matches(sub.subject, subject):
                 sub.queue.put_nowait(msg)
 
+    async def deliver(
+        self,
+        to: str,
+        subject: str,
+        payload: bytes,
+        reply: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """What JetStream does for a pull: route to `to` (the pull's inbox) a message that
+        keeps its stream `subject`, with the delivery's ack subject as `reply`."""
+        msg = FakeMsg(self, subject, payload, reply, headers)
+        self.published.append(msg)
+        for sub in list(self.subs):
+            if matches(sub.subject, to):
+                sub.queue.put_nowait(msg)
+
     async def request(
         self,
         subject: str,
@@ -166,9 +182,10 @@ class FakeBus:
 
 
 class FakeAck:
-    def __init__(self, stream: str, seq: int) -> None:
+    def __init__(self, stream: str, seq: int, duplicate: bool | None = None) -> None:
         self.stream = stream
         self.seq = seq
+        self.duplicate = duplicate
 
 
 class Stored:

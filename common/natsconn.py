@@ -3,15 +3,29 @@
 `NATS_ERRORS` is the one list of exceptions a NATS or JetStream call raises when the broker
 is unreachable, slow or refuses; each package translates them at its own seam (the gateway
 in `gateway/dispatch.py`, the body store in `common/bodies.py`).
+
+TLS: `tls_context` turns `--nats-ca` / `--nats-cert` / `--nats-key` into the
+`ssl.SSLContext` nats-py takes, and every connection is made by `open_client`, whose
+`StrictTLSClient` closes nats-py's downgrade hole: nats-py upgrades to TLS only when the
+server's INFO says `tls_required`, so a `tls://` URL answered by a plain (or
+man-in-the-middle) server would send CONNECT, password included, in clear text. Errors:
+
+    ValueError
+     +-- TLSFilesError      a TLS flag names a missing, unreadable or mismatched file
+    nats.errors.Error
+     +-- TLSRequiredError   a server did not offer TLS where it is required (nothing sent)
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats
 import nats.errors
@@ -83,11 +97,176 @@ class _RateLimitedLog:
         log.warning(
             "nats error (%s): %s (%d similar suppressed)",
             self._name,
-            type(exc).__name__,
+            exc if isinstance(exc, TLSRequiredError) else type(exc).__name__,
             self._suppressed,
         )
         self._last = now
         self._suppressed = 0
+
+
+# ---- TLS ---------------------------------------------------------------------------------
+
+
+class TLSFilesError(ValueError):
+    """`flag` (`--nats-ca`, `--nats-cert`, `--nats-key`) names `path`, which cannot be
+    used: `problem` says why. A ValueError, so the CLI shows it as a flag error."""
+
+    def __init__(self, flag: str, path: str | None, problem: str) -> None:
+        super().__init__(flag, path, problem)
+        self.flag = flag
+        self.path = path
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.flag} {self.path}: {self.problem}" if self.path else self.problem
+
+
+class TLSRequiredError(nats.errors.Error):
+    """The server at `server` (scheme://host:port, never credentials) sent an INFO without
+    TLS where TLS is required; the connection was closed before CONNECT, so no
+    credentials were sent to it."""
+
+    def __init__(self, server: str) -> None:
+        super().__init__(server)
+        self.server = server
+
+    def __str__(self) -> str:
+        return (
+            f"nats: {self.server} does not offer TLS, which is required here (a tls:// URL, "
+            "or --nats-ca/--nats-cert/--nats-key given): refused before sending credentials"
+        )
+
+
+def tls_context(
+    ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> ssl.SSLContext | None:
+    """The client TLS context for NATS from `--nats-ca`, `--nats-cert` and `--nats-key`
+    (PEM files); None when none is given, and nats-py's default context serves tls://
+    URLs (the system CA store, or `SSL_CERT_FILE`).
+
+    `ca` is the store server certificates are checked against, for NATS only (unlike
+    `SSL_CERT_FILE`, which also replaces it for a worker's HTTPS upstream); without it the
+    system store is used. `cert` + `key`: the client certificate a server with `verify:
+    true` demands. Raises TLSFilesError: only one of cert/key, a missing file, a file that
+    is not PEM, a key that does not match its certificate, an encrypted key."""
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        given, missing = ("--nats-cert", "--nats-key") if cert else ("--nats-key", "--nats-cert")
+        raise TLSFilesError(given, None, f"{given} needs {missing} too (a certificate and its key)")
+    for flag, path in (("--nats-ca", ca), ("--nats-cert", cert), ("--nats-key", key)):
+        if path and not os.path.isfile(path):
+            raise TLSFilesError(flag, path, "no such file")
+    try:
+        ctx = ssl.create_default_context(cafile=ca or None)
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSFilesError("--nats-ca", ca, f"not a PEM CA certificate file ({exc})") from exc
+    if cert and key:
+
+        def no_password() -> str:  # else OpenSSL would prompt on the terminal
+            raise TLSFilesError("--nats-key", key, "encrypted; give an unencrypted key")
+
+        try:
+            ctx.load_cert_chain(cert, key, password=no_password)
+        except (ssl.SSLError, OSError) as exc:
+            raise TLSFilesError(
+                "--nats-cert", cert, f"and --nats-key {key}: not a matching PEM pair ({exc})"
+            ) from exc
+    return ctx
+
+
+class _FirstConnectRefused(Exception):
+    """Carries a TLSRequiredError out of nats-py's first-connect loop, which retries every
+    nats error (forever, with `max_reconnect_attempts=-1`); not a nats error on purpose."""
+
+    def __init__(self, error: TLSRequiredError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class StrictTLSClient(NATS):
+    """A nats-py client that never talks in plain text to a server it must reach over TLS,
+    and whose read loop survives malformed header blocks (`_process_headers`).
+
+    TLS is required for a `tls://` server, and for every server (`nats://` included, as
+    the Go client's `Secure` option does) when `tls_everywhere` (a CA or a client
+    certificate was configured). nats-py has no option for this: it decides from the
+    server's INFO alone. So the one hook that sees each connection's INFO before CONNECT
+    is written (`_process_info`, called by `_process_connect_init` with
+    `initial_connection=True` on the first connection and on every reconnect) refuses an
+    INFO without TLS: it closes the socket and raises TLSRequiredError. On a reconnect
+    nats-py treats that like an unreachable server and tries the next one; on the first
+    connection `connect()` raises it (the start fails: a misconfiguration or an attack,
+    not an outage to wait out). A server that offers TLS without requiring it
+    (`allow_non_tls`, INFO `tls_available`) is upgraded.
+    """
+
+    def __init__(self, *, tls_everywhere: bool = False) -> None:
+        super().__init__()
+        self._tls_everywhere = tls_everywhere
+        self._first_connect = False
+
+    async def connect(self, *args: Any, **kwargs: Any) -> None:
+        self._first_connect = True
+        try:
+            await super().connect(*args, **kwargs)
+        except _FirstConnectRefused as exc:
+            await self._close(NATS.CLOSED, do_cbs=False)
+            raise exc.error from None
+        finally:
+            self._first_connect = False
+
+    async def _process_headers(self, headers: bytes) -> dict[str, str] | None:
+        """nats-py 2.16 raises (IndexError, UnicodeDecodeError) on a malformed header block,
+        which ends its read loop: one 8-byte message any producer can publish would deafen
+        the connection until it reconnects. Such a block reads as no headers here (the
+        worker then refuses the message: no reply subject, terminated)."""
+        try:
+            return await super()._process_headers(headers)
+        except (IndexError, UnicodeDecodeError, ValueError):
+            return None
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        if initial_connection:  # a connection's first INFO: CONNECT follows it
+            self._require_tls(info)
+        await super()._process_info(info, initial_connection)
+
+    def _require_tls(self, info: dict[str, Any]) -> None:
+        assert self._current_server is not None, "set by nats-py before it reads INFO"
+        uri = self._current_server.uri
+        if uri.scheme == "wss" or self.options["tls_handshake_first"]:
+            return  # TLS from the first byte
+        if uri.scheme != "tls" and not self._tls_everywhere:
+            return  # plain nats:// with no TLS settings: nats-py decides, as before
+        if uri.scheme != "ws":  # nats-py never upgrades a ws:// connection
+            if info.get("tls_required"):
+                return  # nats-py upgrades right after this hook
+            if info.get("tls_available"):
+                # The server takes TLS without demanding it. nats-py reads `tls_required`
+                # from this same dict (its `_server_info`) right after this hook to decide
+                # whether to upgrade: ask it to.
+                info["tls_required"] = True
+                return
+        if self._transport is not None:  # nats-py does not close it before its next try
+            self._transport.close()  # type: ignore[no-untyped-call]
+        error = TLSRequiredError(f"{uri.scheme}://{uri.hostname}:{uri.port}")
+        raise _FirstConnectRefused(error) if self._first_connect else error
+
+
+async def open_client(
+    servers: list[str], *, tls: ssl.SSLContext | None = None, **options: Any
+) -> NATS:
+    """A connected `StrictTLSClient`: `options` are nats-py's `connect()` arguments; `tls`
+    (from `tls_context`) also makes TLS required for nats:// servers. Raises what nats-py
+    raises, and TLSRequiredError (above)."""
+    nc = StrictTLSClient(tls_everywhere=tls is not None)
+    if tls is not None:
+        options["tls"] = tls
+    await nc.connect(servers, **options)
+    return nc
+
+
+# ---- the components' connection ---------------------------------------------------------
 
 
 async def connect(
@@ -98,8 +277,16 @@ async def connect(
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
     on_disconnect: Callable[[], Awaitable[None]] | None = None,
     connect_timeout: float = 2.0,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> NATS:
-    """Connect with lowered pings, endless reconnects and rate-limited error logging."""
+    """Connect with lowered pings, endless reconnects and rate-limited error logging.
+
+    `tls_ca`, `tls_cert`, `tls_key`: `--nats-ca`, `--nats-cert`, `--nats-key` (see
+    `tls_context`, which raises TLSFilesError); a tls:// URL, or any of them, makes TLS
+    required (`StrictTLSClient`: TLSRequiredError if the first server offers none)."""
+    tls = tls_context(tls_ca, tls_cert, tls_key)
     err_log = _RateLimitedLog(name)
     nc_box: list[NATS] = []  # the connection, once made (callbacks run before it exists)
 
@@ -124,7 +311,6 @@ async def connect(
 
     urls = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else servers
     kwargs: dict[str, Any] = {
-        "servers": urls,
         "name": name,
         "inbox_prefix": inbox_prefix,
         "ping_interval": PING_INTERVAL_S,
@@ -137,7 +323,7 @@ async def connect(
         "disconnected_cb": disconnected_cb,
         "pending_size": 64 * 1024 * 1024,
     }
-    nc: NATS = await nats.connect(**kwargs)
+    nc = await open_client(urls, tls=tls, **kwargs)
     nc_box.append(nc)
     return nc
 
@@ -168,3 +354,16 @@ async def close(nc: NATS) -> None:
     except (nats.errors.Error, TimeoutError, OSError, RuntimeError):
         with contextlib.suppress(nats.errors.Error, TimeoutError, OSError, RuntimeError):
             await nc.close()
+
+
+def redact_url(url: str) -> str:
+    """`url` (one or a comma-separated list) without user and password, for messages."""
+    out = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        if parts.hostname is None:
+            out.append(one.strip() if "@" not in one else "<url>")
+            continue
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        out.append(f"{parts.scheme}://{host}" if parts.scheme else host)
+    return ",".join(out)

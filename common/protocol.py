@@ -1,25 +1,33 @@
-"""The llmfleet wire protocol, version 1 (documented for any-language users in docs/protocol.md).
+"""The llmfleet wire protocol, version 2 (documented for any-language users in docs/protocol.md).
 
-Request: one JetStream message on `llmfleet.req.<escaped model>`; the payload is the OpenAI
-request body exactly as it would be POSTed, and these headers describe it:
+Request: one JetStream message on `llmfleet.req.<escaped model>.<producer>`. The last token
+is the producer's name: NATS permissions let each producer publish only its own token, so
+the subject (never a header) says who sent it. The payload is the OpenAI request body
+exactly as it would be POSTed, and these headers describe it:
 
-    Llmfleet-Version     "1"
-    Llmfleet-Op          chat | completion | embedding
-    Llmfleet-Request-Id  unique id (also sent as Nats-Msg-Id, so a re-publish is deduplicated)
-    Llmfleet-Reply       subject the reply stream goes to (the requester's inbox)
-    Llmfleet-Start-By    unix ms; a worker that picks the request up later drops it (optional)
-    Llmfleet-Deadline    unix ms; generation is cut off at this time (optional)
-    traceparent          W3C trace context (optional)
-    Llmfleet-Body-Ref    LLMFLEET_BODIES/<name>: the body is in that object store, the
-                         payload is empty (for bodies over the broker's max_payload)
+    Llmfleet-Version        "2"
+    Llmfleet-Op             chat | completion | embedding
+    Llmfleet-Request-Id     the producer's id (also sent as Nats-Msg-Id: a re-publish is
+                            deduplicated); echoed back, and named by `cancel`
+    Llmfleet-Reply          where the reply stream goes: inside `_LLMFLEET.r.<producer>.`
+    Llmfleet-Queue-Timeout  ms after the broker stored it: a worker that gets it later
+                            drops it (optional)
+    Llmfleet-Timeout        ms after the broker stored it: generation is cut off (optional)
+    traceparent             W3C trace context (optional)
+    Llmfleet-Body-Ref       LLMFLEET_BODIES_<producer>/<name>: the body is in that object
+                            store, the payload is empty (for bodies over max_payload)
 
-Reply stream: JSON messages on the reply subject, each tagged by `type` and numbered by `seq`
-(0, 1, 2, ... per request): one `accepted`, then `delta` or `embedding` messages, then
-exactly one terminal `done` or `error`; `heartbeat` messages (not numbered) say the worker
-is alive while a stream is silent. An `error` may also come first (before `accepted`) when
-a worker rejects a message it cannot read, and a second `accepted` (from another worker)
-may follow the first before any content when the first worker died and the broker
-redelivered the request.
+Both timeouts count from the message's JetStream timestamp (the broker's clock), and the
+worker measures them against its own estimate of that clock, so neither the producer's nor
+the worker's clock has to agree with anyone's.
+
+Reply stream: JSON messages on the reply subject, each tagged by `type`, numbered by `seq`
+(0, 1, 2, ... per delivery) and naming their `delivery` (`<stream seq>.<delivery count>`):
+one `accepted`, then `delta` or `embedding` messages, then exactly one terminal `done` or
+`error`; `heartbeat` messages (not numbered) say the worker is alive while a stream is
+silent. An `error` may also come first (before `accepted`) when a worker rejects a message
+it cannot run, and a second `accepted` (another delivery) may follow the first before any
+content when the first worker was lost and the broker redelivered the request.
 
 Schema evolution: only by adding fields with defaults; decoders ignore unknown fields.
 """
@@ -34,14 +42,14 @@ from msgspec import UNSET, UnsetType
 
 from common.errors import ErrorBody
 
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "2"
 
 H_VERSION = "Llmfleet-Version"
 H_OP = "Llmfleet-Op"
 H_REQUEST_ID = "Llmfleet-Request-Id"
 H_REPLY = "Llmfleet-Reply"
-H_START_BY = "Llmfleet-Start-By"
-H_DEADLINE = "Llmfleet-Deadline"
+H_QUEUE_TIMEOUT = "Llmfleet-Queue-Timeout"
+H_TIMEOUT = "Llmfleet-Timeout"
 H_TRACEPARENT = "traceparent"
 H_MSG_ID = "Nats-Msg-Id"
 H_BODY_REF = "Llmfleet-Body-Ref"
@@ -77,19 +85,22 @@ class Accepted(msgspec.Struct, tag="accepted", tag_field="type", omit_defaults=T
     model: str
     request_id: str = ""
     queued_ms: float | None = None
-    ack_subject: str = ""  # lets a requester hand the request back (-NAK) if this worker dies
+    ack_subject: str = ""  # lets a trusted requester hand the request back (-NAK) at once
+    delivery: str = ""
 
 
 class Delta(msgspec.Struct, tag="delta", tag_field="type", omit_defaults=True):
     seq: int
     choices: list[ChoiceDelta]
     tokens: int | None = None  # engine outputs sent so far, this one included (~tokens)
+    delivery: str = ""
 
 
 class Embedding(msgspec.Struct, tag="embedding", tag_field="type", omit_defaults=True):
     seq: int
     index: int
     embedding: list[float] | str
+    delivery: str = ""
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", omit_defaults=True):
@@ -100,11 +111,13 @@ class Heartbeat(msgspec.Struct, tag="heartbeat", tag_field="type", omit_defaults
     """
 
     last_seq: int
+    delivery: str = ""
 
 
 class Done(msgspec.Struct, tag="done", tag_field="type", omit_defaults=True):
     seq: int
     usage: Usage
+    delivery: str = ""
 
 
 class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
@@ -112,6 +125,7 @@ class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
     status: int
     error: ErrorBody
     retry_after: float | None = None  # seconds, passed on as the HTTP Retry-After header
+    delivery: str = ""
 
 
 Reply = Accepted | Delta | Embedding | Heartbeat | Done | Error
@@ -149,10 +163,13 @@ def is_unknown_type(data: bytes) -> bool:
 # ---- control and catalog messages ----------------------------------------------------------
 
 
-class Cancel(msgspec.Struct, tag="cancel", tag_field="type"):
-    """Sent to `llmfleet.ctl.<worker>`: stop generating `request_id` and free its slot."""
+class Cancel(msgspec.Struct, tag="cancel", tag_field="type", omit_defaults=True):
+    """Sent to `llmfleet.cancel.<worker>.<producer>`: stop generating the producer's
+    `request_id` (only its `delivery`, when given) and free its slot. The producer comes
+    from the subject, so a producer can cancel only its own requests."""
 
     request_id: str
+    delivery: str = ""
 
 
 class Ping(msgspec.Struct, tag="ping", tag_field="type"):
@@ -165,6 +182,7 @@ class Ping(msgspec.Struct, tag="ping", tag_field="type"):
 PONG = b'{"type":"pong"}'
 
 Control = Cancel | Ping
+"""Cancel is accepted only on the cancel subject, ping only on `llmfleet.ctl.<worker>`."""
 """Drain is not a control message: it is a request to `llmfleet.ctl.<worker>.drain` (the
 worker's micro-service endpoint), a subject of its own so that permissions can let
 producers cancel and ping without letting them drain workers."""

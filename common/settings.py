@@ -10,8 +10,9 @@ import msgspec
 
 
 class QueueSettings(msgspec.Struct, frozen=True):
-    max_per_model: int = 10_000
-    max_bytes: int = 256 * 1024 * 1024
+    max_per_model: int = 10_000  # per model and producer (one request subject)
+    max_bytes: int = -1  # all queued requests together; -1: as much as the broker has
+    max_msg_bytes: int = 1024 * 1024  # one request message; larger bodies go by reference
     max_age_s: float = 3600.0
     duplicate_window_s: float = 120.0
     ack_wait_s: float = 5.0

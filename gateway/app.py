@@ -53,6 +53,7 @@ class GatewayApp:
         limits: Limits,
         api_key: str | None,
         ready_check: Any,
+        metrics_token: str | None = None,
         default_model: str | None = None,
         cors_origins: tuple[str, ...] = (),
         resume_on_failure: bool = False,
@@ -66,6 +67,7 @@ class GatewayApp:
         self.catalog = catalog
         self.limits = limits
         self.api_key = api_key
+        self.metrics_token = metrics_token
         self.default_model = default_model
         self.ready_check = ready_check
         self.stats = dispatcher.counters  # one set of counters, shared with the dispatcher
@@ -103,7 +105,8 @@ class GatewayApp:
             await Call(self, op, scope, receive, send).serve()
         elif path in ("/healthz", "/health"):  # /health: what llama.cpp and vLLM probe
             await send_json(send, 200, b'{"status":"ok"}')
-        elif path == "/metrics":  # like /healthz: no API key (counts and names only)
+        elif path == "/metrics":  # it names every model: a token when auth is on
+            self.auth_metrics(scope)
             body = self.telemetry.render_metrics()
             headers = [
                 (b"content-type", PROMETHEUS_CONTENT_TYPE),
@@ -151,12 +154,17 @@ class GatewayApp:
         }
 
     def auth(self, scope: Scope) -> None:
-        if self.api_key is None:
-            return
-        given = header(scope, b"authorization") or ""
-        token = given[7:] if given[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+        """Unauthorized unless the request bears the API key (or no key is set). Runs on
+        the headers alone: before any body is read."""
+        if self.api_key is not None and not _bears(scope, self.api_key):
             raise Unauthorized("Incorrect API key provided.")
+
+    def auth_metrics(self, scope: Scope) -> None:
+        """`/metrics` takes `--metrics-token` or the API key; it is open only when neither
+        is set (`--metrics-listen` serves it without auth, on a listener of its own)."""
+        keys = [k for k in (self.metrics_token, self.api_key) if k is not None]
+        if keys and not any(_bears(scope, k) for k in keys):
+            raise Unauthorized("Incorrect metrics token provided.")
 
     # ---- models ----------------------------------------------------------------------
 
@@ -185,6 +193,13 @@ class GatewayApp:
                 f"The model '{model_id}' does not exist or no worker serves it.", param="model"
             )
         await send_json(send, 200, render.json_bytes(self._model_entry(entry)))
+
+
+def _bears(scope: Scope, key: str) -> bool:
+    """The request's `Authorization: Bearer` token is `key` (compared in constant time)."""
+    given = header(scope, b"authorization") or ""
+    token = given[7:] if given[:7].lower() == "bearer " else ""
+    return hmac.compare_digest(token.encode(), key.encode())
 
 
 def _with_cors(send: Send, origin: str | None, allowed: tuple[str, ...]) -> Send:

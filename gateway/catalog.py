@@ -19,6 +19,7 @@ import time
 
 import msgspec
 
+from common import names
 from common import protocol as p
 from common.protocol import status_of
 
@@ -186,6 +187,21 @@ def advance(
     return CatalogState(table, live, gone, connected, hold_until), changed
 
 
+MAX_TTL_S = 60.0
+"""The longest an announcement may claim to stay valid (workers send 3.5 heartbeats)."""
+
+
+def accepted_announce(subject: str, announce: p.WorkerAnnounce) -> p.WorkerAnnounce:
+    """The announcement as the catalog keeps it (pure): ValueError if its `worker` is not
+    the worker its subject names; a TTL outside (0, MAX_TTL_S] is clamped into it."""
+    if subject != names.heartbeat_subject(announce.worker):
+        raise ValueError("announcement for another worker's subject")
+    if not 0.0 < announce.ttl_s <= MAX_TTL_S:  # NaN too: then it expires at once
+        ttl = MAX_TTL_S if announce.ttl_s > MAX_TTL_S else 0.0
+        announce = msgspec.structs.replace(announce, ttl_s=ttl)
+    return announce
+
+
 class Catalog:
     """Owner of the worker table: `run()` is the one task that changes it. Feed it with
     `post_announce` (heartbeat callback) and `post_connection` (connection callbacks)."""
@@ -207,10 +223,13 @@ class Catalog:
             except asyncio.QueueFull:
                 self._inbox.get_nowait()  # announcements repeat: the oldest is not missed
 
-    def post_announce(self, data: bytes) -> None:
+    def post_announce(self, subject: str, data: bytes) -> None:
+        """An announcement on `llmfleet.hb.<worker>`: the subject's token names the worker
+        (NATS permissions decide who may publish there), so a payload that names another
+        worker is dropped; its TTL is clamped to `MAX_TTL_S`."""
         try:
-            announce = p.decode_announce(data)
-        except msgspec.DecodeError:
+            announce = accepted_announce(subject, p.decode_announce(data))
+        except (msgspec.DecodeError, ValueError):
             return
         # Announcements repeat every heartbeat: dropping one when full loses nothing.
         with contextlib.suppress(asyncio.QueueFull):

@@ -1,9 +1,11 @@
 """One wildcard inbox subscription for every reply stream of this gateway.
 
-`open()` registers a bounded queue under a fresh token and returns the reply subject
-`_LLMFLEET.gw.<gateway>.<token>`; the NATS callback only looks the token up and enqueues
-the raw bytes (decoding happens in the request's own task). All of this runs on the one
-event loop with no await between lookup and use, so the dict needs no lock.
+`open()` registers a bounded queue under a fresh token (128 random bits: nobody can guess
+another client's reply subject) and returns the reply subject
+`_LLMFLEET.r.gateway.<gateway>.<token>`; the NATS callback only looks the token up and
+enqueues the raw bytes (decoding happens in the request's own task). Each queue is bounded
+in messages and in bytes. All of this runs on the one event loop with no await between
+lookup and use, so the dict needs no lock.
 
 A reply for a token that is gone (client left, queue timeout) that announces a worker
 (`accepted`) makes the mux tell that worker to cancel: nobody will read that stream.
@@ -12,8 +14,8 @@ A reply for a token that is gone (client left, queue timeout) that announces a w
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -27,15 +29,40 @@ log = logging.getLogger(__name__)
 
 
 class ReplyQueue:
-    """A bounded queue of raw reply messages; overflow is recorded, not hidden."""
+    """A queue of raw reply messages bounded in count and in bytes; overflow is recorded,
+    not hidden (the request then ends with a 502)."""
 
-    __slots__ = ("overflowed", "queue", "subject", "token")
+    __slots__ = ("_queue", "bytes", "max_bytes", "overflowed", "subject", "token")
 
-    def __init__(self, token: str, subject: str, maxsize: int) -> None:
+    def __init__(self, token: str, subject: str, maxsize: int, max_bytes: int) -> None:
         self.token = token
         self.subject = subject
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize)
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize)
+        self.bytes = 0
+        self.max_bytes = max_bytes
         self.overflowed = False
+
+    def put(self, data: bytes) -> bool:
+        """Queue one message; False (and `overflowed`) if it does not fit."""
+        if self.bytes + len(data) > self.max_bytes or self._queue.full():
+            self.overflowed = True
+            return False
+        self._queue.put_nowait(data)
+        self.bytes += len(data)
+        return True
+
+    async def get(self) -> bytes:
+        data = await self._queue.get()
+        self.bytes -= len(data)
+        return data
+
+    def get_nowait(self) -> bytes:
+        data = self._queue.get_nowait()
+        self.bytes -= len(data)
+        return data
+
+    def empty(self) -> bool:
+        return self._queue.empty()
 
 
 class ReplyMux:
@@ -46,13 +73,14 @@ class ReplyMux:
         on_orphan_accepted: Callable[[p.Accepted], Awaitable[None]],
         counters: GatewayCounters,
         queue_size: int = 4096,
+        queue_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.counters = counters
         self._nc = nc
-        self.prefix = f"{names.INBOX_ROOT}.gw.{gateway_id}"
+        self.prefix = names.gateway_reply_root(gateway_id)
         self._streams: dict[str, ReplyQueue] = {}
-        self._ids = itertools.count(1)
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._on_orphan = on_orphan_accepted
         self._sub: Subscription | None = None
 
@@ -69,8 +97,8 @@ class ReplyMux:
             await self._sub.unsubscribe()
 
     def open(self) -> ReplyQueue:
-        token = format(next(self._ids), "x")
-        rq = ReplyQueue(token, f"{self.prefix}.{token}", self._queue_size)
+        token = secrets.token_hex(16)
+        rq = ReplyQueue(token, f"{self.prefix}.{token}", self._queue_size, self._queue_bytes)
         self._streams[token] = rq
         return rq
 
@@ -85,10 +113,7 @@ class ReplyMux:
         token = msg.subject[len(self.prefix) + 1 :]
         rq = self._streams.get(token)
         if rq is not None:
-            try:
-                rq.queue.put_nowait(msg.data)
-            except asyncio.QueueFull:
-                rq.overflowed = True
+            if not rq.put(msg.data):
                 self.counters.overflows += 1
             return
         self.counters.orphans += 1

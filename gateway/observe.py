@@ -33,6 +33,7 @@ from common.telemetry import (
     Telemetry,
     gen_ai_operation,
 )
+from gateway.edge import EdgeCounters
 from gateway.stats import GatewayStats
 
 log = logging.getLogger(__name__)
@@ -336,20 +337,30 @@ _GATEWAY_COUNTERS: tuple[tuple[str, str, str, str, dict[str, str]], ...] = (
     ("llmfleet.gateway.client_disconnects", "{request}",
      "HTTP clients that left before their answer was complete", "", {"": "disconnects"}),
     ("llmfleet.gateway.queue.rejections", "{request}",
-     "Requests refused by the queue: full (429) or not accepted in time (503)",
-     "llmfleet.queue.reason", {"queue_full": "rejected_full", "queue_timeout": "queue_timeouts"}),
+     "Requests refused by the queue: full (429), broker out of room (503), not taken in time (503)",
+     "llmfleet.queue.reason", {"queue_full": "rejected_full", "queue_timeout": "queue_timeouts",
+                               "queue_storage_full": "rejected_storage"}),
     ("llmfleet.gateway.publish.retries", "{retry}",
      "JetStream publishes retried while the broker reconnected or elected a leader",
      "", {"": "publish_retries"}),
     ("llmfleet.gateway.stream.overflows", "{request}",
      "Reply streams that overflowed the gateway's per-request buffer", "", {"": "overflows"}),
+    ("llmfleet.gateway.stream.fenced", "{message}",
+     "Reply messages ignored because they came from a delivery the gateway gave up on",
+     "", {"": "fenced"}),
 )  # fmt: skip
 
 
 def observe_gateway(
-    tel: Telemetry, *, stats: Callable[[], GatewayStats], catalog: Any, nc: Any
+    tel: Telemetry,
+    *,
+    stats: Callable[[], GatewayStats],
+    catalog: Any,
+    nc: Any,
+    edge: EdgeCounters | None = None,
 ) -> None:
-    """Counters and gauges read at scrape time from the gateway's one stats snapshot."""
+    """Counters and gauges read at scrape time from the gateway's one stats snapshot (and
+    the HTTP edge's refusals, which never reach the app)."""
 
     def counter(label: str, fields: dict[str, str]) -> Callable[[], list[tuple[float, Any]]]:
         def read() -> list[tuple[float, Any]]:
@@ -367,6 +378,15 @@ def observe_gateway(
         "Reconnections of this process's NATS connection",
         lambda: [(int(nc.stats.get("reconnects", 0)), {})],
     )
+    if edge is not None:
+        tel.observe(
+            "counter",
+            "llmfleet.gateway.http.refused",
+            "{request}",
+            "Connections the HTTP edge answered itself and closed: request head too large "
+            "(431), not complete in time (408), too many connections (503)",
+            lambda: [(getattr(edge, r), {"llmfleet.refused.reason": r}) for r in edge.REASONS],
+        )
 
     def fleet(field: str) -> Callable[[], list[tuple[float, Mapping[str, Any]]]]:
         def read() -> list[tuple[float, Mapping[str, Any]]]:

@@ -16,7 +16,7 @@ import uvicorn
 
 from common import __version__, names
 from common import protocol as p
-from common.bodies import BodyStore
+from common.bodies import BodyStore, ensure_buckets
 from common.natsconn import (
     close,
     connect,
@@ -27,13 +27,14 @@ from common.natsconn import (
 )
 from common.queue import ensure_stream
 from common.settings import BodySettings
-from common.telemetry import Telemetry
+from common.telemetry import Telemetry, serve_metrics
 from gateway.app import GatewayApp
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher
+from gateway.edge import EdgeConfig, EdgeCounters
 from gateway.mux import ReplyMux
 from gateway.observe import observe_gateway
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, parse_listen
 from gateway.stats import GatewayCounters
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class Gateway:
         self._stop = asyncio.Event()
         self.app: GatewayApp | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None  # the bound --metrics-listen port, once serving
         self.counters = GatewayCounters()
+        self.edge_counters = EdgeCounters()
         self._started = time.monotonic()
         self._host = socket.gethostname()
 
@@ -116,6 +119,9 @@ class Gateway:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def _body_settings(self) -> BodySettings:
+        return BodySettings(replicas=self.settings.queue.replicas)
+
     async def run(self, ready: asyncio.Future[None] | None = None) -> None:
         s = self.settings
         catalog = Catalog(model_grace_s=s.model_grace_s)
@@ -129,6 +135,7 @@ class Gateway:
             catalog.post_connection(True)
             await nc.publish(names.DISCOVER_SUBJECT, b"")
             await ensure_stream(jetstream(nc), s.queue, update=True)
+            await ensure_buckets(jetstream(nc), s.producer_buckets, self._body_settings())
 
         nc = await connect(
             s.nats_url,
@@ -136,10 +143,14 @@ class Gateway:
             inbox_prefix=names.gateway_inbox_prefix(self.gateway_id),
             on_reconnect=on_reconnect,
             on_disconnect=on_disconnect,
+            tls_ca=s.nats_ca,
+            tls_cert=s.nats_cert,
+            tls_key=s.nats_key,
         )
         try:
             js = jetstream(nc)
             await ensure_stream(js, s.queue, update=True)
+            await ensure_buckets(js, s.producer_buckets, self._body_settings())
             await self._serve(nc, js, catalog, ready)
         finally:
             await close(nc)
@@ -159,6 +170,8 @@ class Gateway:
                 background.append(
                     tg.create_task(self.app.metrics.poll_queues(js, models, s.queue_poll_s))
                 )
+            if s.metrics_listen:
+                background.append(await self._serve_metrics(tg, s.metrics_listen))
             await self._discover(nc, catalog)
             srv_task = tg.create_task(server.serve())
             if await server.wait_started(srv_task):
@@ -173,15 +186,24 @@ class Gateway:
         if not server.started:
             raise OSError(f"could not serve HTTP on {s.host}:{s.port}")
 
+    async def _serve_metrics(self, tg: asyncio.TaskGroup, listen: str) -> asyncio.Task[None]:
+        """`GET /metrics` without auth on `--metrics-listen` (a private network's
+        Prometheus); returns once it listens, raises OSError if it cannot."""
+        host, port = parse_listen(listen)
+        bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = tg.create_task(serve_metrics(self.telemetry, host, port, bound))
+        self.metrics_port = await bound
+        return task
+
     async def _subscribe(self, nc: Any, catalog: Catalog) -> tuple[ReplyMux, Any]:
         """The reply inbox and the worker announcements, subscribed before anything runs."""
 
         async def on_orphan(acc: p.Accepted) -> None:
             if self.app is not None:
-                await self.app.dispatcher.send_cancel(acc.worker, acc.request_id)
+                await self.app.dispatcher.send_cancel(acc.worker, acc.request_id, acc.delivery)
 
         async def on_heartbeat(msg: Any) -> None:
-            catalog.post_announce(msg.data)
+            catalog.post_announce(msg.subject, msg.data)
 
         mux = ReplyMux(nc, self.gateway_id, on_orphan, self.counters)
         await mux.start()
@@ -197,8 +219,9 @@ class Gateway:
             mux,
             s.dispatch,
             self.counters,
-            BodyStore(js, BodySettings(replicas=s.queue.replicas)),
+            BodyStore(js, settings=self._body_settings()),
             telemetry=self.telemetry,
+            max_message_bytes=s.queue.max_msg_bytes,
         )
 
         async def ready_check() -> bool:
@@ -209,6 +232,7 @@ class Gateway:
             catalog=catalog,
             limits=s.limits,
             api_key=s.api_key,
+            metrics_token=s.metrics_token,
             default_model=s.default_model,
             ready_check=ready_check,
             cors_origins=s.cors_origins,
@@ -220,16 +244,20 @@ class Gateway:
             stats=lambda: self.counters.snapshot(mux.open_streams),
             catalog=catalog,
             nc=nc,
+            edge=self.edge_counters,
         )
         return app
 
     def _uvicorn_config(self, app: GatewayApp) -> uvicorn.Config:
+        """uvicorn on uvloop + httptools, through the edge (gateway/edge.py): bounded heads,
+        a head timeout, and `--max-connections` answered in the error envelope."""
         s = self.settings
-        return uvicorn.Config(
+        return EdgeConfig(
             app,
+            edge=s.edge,
+            counters=self.edge_counters,
             host=s.host,
             port=s.port,
-            http="httptools",
             lifespan="off",
             access_log=False,
             server_header=False,
@@ -262,10 +290,21 @@ class Gateway:
             "gateway %s serving on http://%s:%s", self.gateway_id, self.settings.host, self.port
         )
 
+        last, due = [-1.0], [False]
+
         async def on_discover(msg: Any) -> None:
+            # at most one announcement per 0.25 s; a later discover is answered at its end
+            wait = last[0] + 0.25 - time.monotonic()
+            if wait > 0:
+                if due[0]:
+                    return
+                due[0] = True
+                await asyncio.sleep(wait)
+                due[0] = False
+            last[0] = time.monotonic()
             await self._announce(nc, catalog)
 
-        disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=on_discover)
+        disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=on_discover, pending_msgs_limit=4096)
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(self._announce_every(nc, catalog))
             if ready is not None:

@@ -32,6 +32,15 @@ class DispatchSettings(msgspec.Struct, frozen=True):
     publish_retry_s: float = 10.0
 
 
+class EdgeSettings(msgspec.Struct, frozen=True):
+    """The HTTP edge: what a connection may cost before a request reaches the app
+    (enforced by `gateway.edge.EdgeProtocol`)."""
+
+    max_header_bytes: int = 64 * 1024  # request line + headers (more: 431, closed)
+    header_timeout_s: float = 10.0  # to send a whole request head (else: 408, closed)
+    max_connections: int = 4096  # open connections or running requests (more: 503)
+
+
 class GatewaySettings(msgspec.Struct, frozen=True):
     nats_url: str
     host: str = "127.0.0.1"
@@ -41,11 +50,43 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     default_model: str | None = None  # for requests that name no model
     limits: Limits = Limits()
     dispatch: DispatchSettings = DispatchSettings()
+    edge: EdgeSettings = EdgeSettings()
     queue: QueueSettings = QueueSettings()
     discover_wait_s: float = 0.5
     model_grace_s: float = 30.0
     cors_origins: tuple[str, ...] = ()
+    producer_buckets: tuple[str, ...] = ()  # batch producers whose body buckets it creates
     resume_on_failure: bool = False
     shutdown_grace_s: float = 30.0
     queue_poll_s: float = 5.0  # queue-depth metric refresh (0: off)
     announce_s: float = 2.0  # GatewayAnnounce interval (for `llmfleet status`)
+    # With an api key, /metrics needs a bearer token: this one or the api key itself.
+    metrics_token: str | None = None
+    metrics_listen: str | None = None  # HOST:PORT of an extra /metrics-only listener (no auth)
+    # NATS TLS (PEM files; see common.natsconn.tls_context): the CA to check servers
+    # against, and a client certificate + key for servers that demand one.
+    nats_ca: str | None = None
+    nats_cert: str | None = None
+    nats_key: str | None = None
+
+
+def check_gateway(settings: GatewaySettings) -> None:
+    """ValueError naming the first setting a gateway cannot run with (the CLI shows it)."""
+    e = settings.edge
+    if e.max_header_bytes < 1024:
+        raise ValueError(f"--max-header-bytes must be at least 1024, not {e.max_header_bytes}")
+    if not e.header_timeout_s > 0:
+        raise ValueError(f"--header-timeout must be positive, not {e.header_timeout_s}")
+    if e.max_connections < 1:
+        raise ValueError(f"--max-connections must be at least 1, not {e.max_connections}")
+    if settings.metrics_listen:
+        parse_listen(settings.metrics_listen)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:9100` for IPv6) as (host, port); ValueError when malformed."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--metrics-listen: expected HOST:PORT, got {value!r}")
+    return host, int(port)

@@ -27,6 +27,7 @@ class GatewayStats(msgspec.Struct, frozen=True):
     # the queue
     published: int = 0
     rejected_full: int = 0
+    rejected_storage: int = 0  # the stream (the broker) had no room left: 503
     queue_timeouts: int = 0
     publish_retries: int = 0
     by_reference: int = 0
@@ -40,6 +41,7 @@ class GatewayStats(msgspec.Struct, frozen=True):
     # reply streams
     orphans: int = 0
     overflows: int = 0
+    fenced: int = 0  # reply messages of a delivery given up on (a lost worker), ignored
     open_streams: int = 0  # a gauge, from the mux: not a counter
 
     def as_document(self) -> dict[str, dict[str, int]]:
@@ -56,6 +58,7 @@ class GatewayStats(msgspec.Struct, frozen=True):
             "queue": {
                 "published": self.published,
                 "rejected_queue_full": self.rejected_full,
+                "rejected_storage_full": self.rejected_storage,
                 "queue_timeouts": self.queue_timeouts,
                 "publish_retries": self.publish_retries,
                 "bodies_by_reference": self.by_reference,
@@ -70,6 +73,7 @@ class GatewayStats(msgspec.Struct, frozen=True):
                 "open": self.open_streams,
                 "orphans": self.orphans,
                 "overflows": self.overflows,
+                "fenced": self.fenced,
             },
         }
 
@@ -94,6 +98,7 @@ class GatewayCounters:
     disconnects: int
     published: int
     rejected_full: int
+    rejected_storage: int
     queue_timeouts: int
     publish_retries: int
     by_reference: int
@@ -104,6 +109,7 @@ class GatewayCounters:
     withdrawn: int
     orphans: int
     overflows: int
+    fenced: int
 
     def count_status(self, status: int) -> None:
         if status >= 500:

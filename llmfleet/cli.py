@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -86,9 +87,20 @@ def cmd_worker(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _nats_tls(args: argparse.Namespace, command: str) -> ssl.SSLContext | None:
+    """`--nats-ca`, `--nats-cert`, `--nats-key` as an ssl.SSLContext (None: none given)."""
+    from common.natsconn import tls_context  # noqa: PLC0415
+
+    try:
+        return tls_context(args.nats_ca, args.nats_cert, args.nats_key)
+    except ValueError as exc:
+        raise SystemExit(f"llmfleet {command}: {exc}") from None
+
+
 def cmd_status(args: argparse.Namespace) -> None:
     from llmfleet import status as statuscli  # noqa: PLC0415
 
+    tls = _nats_tls(args, "status")
     try:
         run_async(
             statuscli.status(
@@ -97,6 +109,7 @@ def cmd_status(args: argparse.Namespace) -> None:
                 interval=args.interval,
                 as_json=args.json,
                 wait=args.wait,
+                tls=tls,
             )
         )
     except statuscli.StatusError as exc:
@@ -108,8 +121,13 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_drain(args: argparse.Namespace) -> None:
     from llmfleet import status as statuscli  # noqa: PLC0415
 
+    tls = _nats_tls(args, "drain")
     try:
-        run_async(statuscli.drain(args.nats_url, args.worker, wait=args.wait, timeout=args.timeout))
+        run_async(
+            statuscli.drain(
+                args.nats_url, args.worker, wait=args.wait, timeout=args.timeout, tls=tls
+            )
+        )
     except statuscli.StatusError as exc:
         raise SystemExit(f"llmfleet drain: {exc}") from None
 

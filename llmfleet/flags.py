@@ -84,6 +84,7 @@ class Flag(NamedTuple):
     help: str
     choices: tuple[str, ...] | None = None
     none_if: object = ""
+    metavar: str | None = None  # the value's name in --help (argparse's default: DEST)
 
     @property
     def dest(self) -> str:
@@ -100,6 +101,12 @@ GATEWAY_FLAGS = (
         "--cors-origins",
         "cors_origins",
         "browser origins allowed to call the API, comma separated or *",
+    ),
+    Flag(
+        "--producer-buckets",
+        "producer_buckets",
+        "batch producers (NATS users) whose body buckets LLMFLEET_BODIES_<name> this gateway "
+        "creates, comma separated (producers may not create streams)",
     ),
     Flag(
         "--model-grace", "model_grace_s", "seconds a model stays listed after its last worker left"
@@ -131,7 +138,54 @@ GATEWAY_FLAGS = (
     Flag("--max-queue", "queue.max_per_model", "requests that may wait per model (more: 429)"),
     Flag("--stream-replicas", "queue.replicas", "replicas of the request stream (3 on a cluster)"),
     Flag("--queue-poll", "queue_poll_s", "seconds between queue-depth polls for /metrics (0: off)"),
+    Flag(
+        "--max-header-bytes",
+        "edge.max_header_bytes",
+        "largest request line + headers (more: 431, connection closed)",
+    ),
+    Flag(
+        "--header-timeout",
+        "edge.header_timeout_s",
+        "seconds a connection gets to send a whole request head (else: closed)",
+    ),
+    Flag(
+        "--max-connections",
+        "edge.max_connections",
+        "open connections or running requests at most (more: 503)",
+    ),
+    Flag(
+        "--metrics-token",
+        "metrics_token",
+        "bearer token for GET /metrics (the API key works too; with --api-key and no "
+        "token, /metrics needs the API key)",
+    ),
+    Flag(
+        "--metrics-listen",
+        "metrics_listen",
+        "HOST:PORT of an extra listener serving only GET /metrics, without auth "
+        "(for a private network; empty: none)",
+    ),
 )
+
+NATS_TLS_FLAGS = (
+    Flag(
+        "--nats-ca",
+        "nats_ca",
+        "CA file (PEM) to check NATS server certificates against, for NATS only (empty: the "
+        "system store, or SSL_CERT_FILE). Any --nats-ca/--nats-cert/--nats-key makes TLS "
+        "required, for nats:// URLs too (tls:// always requires it)",
+        metavar="FILE",
+    ),
+    Flag(
+        "--nats-cert",
+        "nats_cert",
+        "client certificate (PEM) for a NATS server that verifies clients (with --nats-key)",
+        metavar="FILE",
+    ),
+    Flag("--nats-key", "nats_key", "unencrypted private key (PEM) of --nats-cert", metavar="FILE"),
+)
+"""TLS to the broker: wherever `--nats` is (gateway, worker, status, drain); the same
+fields in the gateway's and the worker's settings."""
 
 WORKER_FLAGS = (
     Flag("--engine", "engine.kind", "inference engine", choices=ENGINES),
@@ -139,6 +193,11 @@ WORKER_FLAGS = (
     Flag("--worker-id", "worker_id", "worker id (empty: host-pid-random)"),
     Flag("--heartbeat", "heartbeat_s", "seconds between catalog announcements"),
     Flag("--drain-grace", "drain_grace_s", "seconds in-flight requests get on SIGTERM"),
+    Flag(
+        "--max-request-time",
+        "runner.max_request_s",
+        "longest a request may run, whatever timeout its producer sent (or none)",
+    ),
     Flag("--metrics-port", "metrics_port", "port for Prometheus GET /metrics (0: off)"),
     Flag("--metrics-host", "metrics_host", "listen address of --metrics-port"),
 )
@@ -218,7 +277,7 @@ def add_settings_flags(p: Any, root: Any, flags: tuple[Flag, ...]) -> None:
             )
             continue
         conv, shown = _typed(f, default)
-        add(p, f.name, shown, f.help, conv, choices=f.choices)
+        add(p, f.name, shown, f.help, conv, choices=f.choices, metavar=f.metavar)
 
 
 def settings_from(args: argparse.Namespace, root: S, flags: tuple[Flag, ...]) -> S:
@@ -338,14 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _nats_url_arg(p: argparse.ArgumentParser) -> None:
+    """`--nats` and the TLS flags that go with it (`NATS_TLS_FLAGS`)."""
     add(
         p,
         "--nats",
         DEFAULT_NATS_URL,
-        "NATS server URL(s), comma separated",
+        "NATS server URL(s), comma separated (tls://: TLS required)",
         env="LLMFLEET_NATS_URL",
         dest="nats_url",
     )
+    add_settings_flags(p, GATEWAY, NATS_TLS_FLAGS)  # the worker's defaults are the same
 
 
 def _status_args(p: argparse.ArgumentParser) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+from common.natsconn import tls_context
 from common.telemetry import Telemetry, otlp_endpoint_from_env
 from gateway.server import Gateway
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, check_gateway
 from llmfleet.flags import (
     GATEWAY_FLAGS,
     LLAMACPP_FLAGS,
+    NATS_TLS_FLAGS,
     OPENAI_FLAGS,
     SIM_FLAGS,
     WORKER_FLAGS,
@@ -32,7 +34,9 @@ def build_worker(args: argparse.Namespace, nats_url: str) -> Worker:
     if not models:
         raise SystemExit("llmfleet worker: give --model NAME (or LLMFLEET_MODEL)")
     flags = (*WORKER_FLAGS, WORKER_REPLICAS, *SIM_FLAGS, *OPENAI_FLAGS, *LLAMACPP_FLAGS)
-    settings = settings_from(args, WorkerSettings(nats_url=nats_url), flags)
+    settings = settings_from(args, WorkerSettings(nats_url=nats_url), (*NATS_TLS_FLAGS, *flags))
+    # A bad TLS file fails the start here (TLSFilesError, a ValueError the CLI shows).
+    tls_context(settings.nats_ca, settings.nats_cert, settings.nats_key)
     # llama.cpp batches `--max-concurrency` sequences; the embedding model encodes one batch
     # at a time: be honest, and let the broker hold the rest where any worker can take it.
     slots = 1 if settings.engine.kind == "embeddings" else settings.max_concurrency
@@ -64,5 +68,8 @@ def build_gateway(args: argparse.Namespace, nats_url: str) -> Gateway:
     defaults in gateway/settings.py)."""
     if getattr(args, "access_log", "on") == "off":
         logging.getLogger("llmfleet.access").setLevel(logging.WARNING)
-    settings = settings_from(args, GatewaySettings(nats_url=nats_url), GATEWAY_FLAGS)
+    flags = (*NATS_TLS_FLAGS, *GATEWAY_FLAGS)
+    settings = settings_from(args, GatewaySettings(nats_url=nats_url), flags)
+    check_gateway(settings)  # ValueError: the CLI shows it
+    tls_context(settings.nats_ca, settings.nats_cert, settings.nats_key)  # TLSFilesError: too
     return Gateway(settings, _telemetry(args, "llmfleet-gateway", True))

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import nats
 import nats.errors
 from nats.js.errors import APIError, NotFoundError
 from rich.console import Console, Group
@@ -30,6 +30,7 @@ from rich.text import Text
 
 from common import names
 from common import protocol as p
+from common.natsconn import TLSRequiredError, open_client, redact_url
 from common.queue import QueueDepth, queue_depth, queued_models
 from llmfleet.fleetview import FleetView, Seen, build_view, duration, resolve_worker
 
@@ -107,8 +108,12 @@ class FleetWatcher:
 
 
 @contextlib.asynccontextmanager
-async def connected(url: str, timeout: float = 5.0) -> AsyncIterator[Any]:
-    """A NATS connection for a CLI command; StatusError if none within `timeout`."""
+async def connected(
+    url: str, tls: ssl.SSLContext | None = None, *, timeout: float = 5.0
+) -> AsyncIterator[Any]:
+    """A NATS connection for a CLI command (`tls` from `common.natsconn.tls_context`: TLS
+    required, as for a tls:// URL); StatusError if none within `timeout`, or if a server
+    does not offer TLS where it is required."""
 
     async def quiet(exc: Exception) -> None:
         return None
@@ -116,8 +121,9 @@ async def connected(url: str, timeout: float = 5.0) -> AsyncIterator[Any]:
     urls = [u.strip() for u in url.split(",") if u.strip()]
     try:
         nc = await asyncio.wait_for(
-            nats.connect(
+            open_client(
                 urls,
+                tls=tls,
                 name="llmfleet-cli",
                 inbox_prefix=names.ADMIN_INBOX_PREFIX,
                 connect_timeout=2,
@@ -127,8 +133,10 @@ async def connected(url: str, timeout: float = 5.0) -> AsyncIterator[Any]:
             ),
             timeout,
         )
+    except TLSRequiredError as exc:
+        raise StatusError(str(exc).removeprefix("nats: ")) from exc
     except (TimeoutError, OSError, nats.errors.Error) as exc:
-        raise StatusError(f"cannot reach the NATS server at {url}") from exc
+        raise StatusError(f"cannot reach the NATS server at {redact_url(url)}") from exc
     try:
         yield nc
     finally:
@@ -239,11 +247,18 @@ def to_json(view: FleetView, *, pretty: bool = True) -> bytes:
 
 
 async def status(
-    url: str, *, watch: bool, interval: float, as_json: bool, wait: float, out: Any = None
+    url: str,
+    *,
+    watch: bool,
+    interval: float,
+    as_json: bool,
+    wait: float,
+    out: Any = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Print the fleet once (after `wait` seconds of listening), or refresh it until Ctrl-C."""
     out = out or sys.stdout
-    async with connected(url) as nc:
+    async with connected(url, tls) as nc:
         w = FleetWatcher(nc)
         await w.start()
         try:
@@ -275,11 +290,19 @@ async def status(
             await w.stop()
 
 
-async def drain(url: str, worker: str, *, wait: bool, timeout: float, out: Any = None) -> str:
+async def drain(
+    url: str,
+    worker: str,
+    *,
+    wait: bool,
+    timeout: float,
+    out: Any = None,
+    tls: ssl.SSLContext | None = None,
+) -> str:
     """Ask `worker` (an id or a unique prefix of one) to drain; with `wait`, follow it until
     it has stopped (or `timeout` passes: StatusError). Returns the full worker id."""
     console = Console(file=out or sys.stderr)
-    async with connected(url) as nc:
+    async with connected(url, tls) as nc:
         w = FleetWatcher(nc)
         await w.start()
         try:

@@ -58,12 +58,21 @@ async def watch_announcements(nc: Client) -> AsyncIterator[Announcements]:
         await sub.unsubscribe()
 
 
+PRODUCER = "test"
+"""The producer name tests publish under (no auth: any name works on a dev broker)."""
+
+
+def reply_subject(name: str, producer: str = PRODUCER) -> str:
+    """A reply subject in `producer`'s reply space, the only place workers answer it."""
+    return f"{names.reply_space(producer)}.{name}"
+
+
 def request_headers(
     reply: str, op: str = "chat", request_id: str | None = None, **extra: str
 ) -> dict[str, str]:
     rid = request_id or secrets.token_hex(8)
     return {
-        p.H_VERSION: "1",
+        p.H_VERSION: p.PROTOCOL_VERSION,
         p.H_OP: op,
         p.H_REQUEST_ID: rid,
         p.H_MSG_ID: rid,
@@ -73,7 +82,11 @@ def request_headers(
 
 
 async def publish_request(
-    js: nats.js.JetStreamContext, model: str, body: bytes, headers: dict[str, str]
+    js: nats.js.JetStreamContext,
+    model: str,
+    body: bytes,
+    headers: dict[str, str],
+    producer: str = PRODUCER,
 ) -> int:
-    ack = await js.publish(names.request_subject(model), body, headers=headers)
+    ack = await js.publish(names.request_subject(model, producer), body, headers=headers)
     return int(ack.seq)

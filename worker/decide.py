@@ -3,6 +3,7 @@ how to coalesce output. No I/O, no logging; tested without an event loop."""
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 
 import msgspec
@@ -60,7 +61,7 @@ def pull_batch(
 class Admission(enum.Enum):
     RUN = "run"
     NAK = "nak"  # give it back at once: another worker (or this one later) takes it
-    EXPIRED = "expired"  # its start-by time passed while it waited: drop without running
+    EXPIRED = "expired"  # its queue timeout passed while it waited: drop without running
     POISON = "poison"  # delivered too often (it kills workers?): drop with an error
 
 
@@ -74,19 +75,73 @@ def admit(
     state: RunnerState,
     running: int,
     max_concurrency: int,
-    start_by_ms: int | None,
-    now_ms: int,
+    queue_timeout_ms: int | None,
+    queued_ms: float,
     delivered: int = 1,
 ) -> Admission:
     """What to do with a delivered request (an unreadable one never gets here: the runner
-    terminates it when it cannot read it)."""
+    terminates it when it cannot read it). `queued_ms` is the worker's estimate of how long
+    the broker held it (`ClockOffset.queued_ms`), which never overstates the wait."""
     if delivered > MAX_DELIVERIES:
         return Admission.POISON
     if state is not RunnerState.READY or running >= max_concurrency:
         return Admission.NAK
-    if start_by_ms is not None and now_ms > start_by_ms:
+    if queue_timeout_ms is not None and queued_ms > queue_timeout_ms:
         return Admission.EXPIRED
     return Admission.RUN
+
+
+class ClockOffset:
+    """How far this worker's clock is from the broker's.
+
+    Each sample is a broker timestamp and the local time something carrying it arrived:
+    a delivery (stamped when the broker stored it), or the answer to a consumer-info request
+    (stamped with the broker's time when it answered; the runner asks every
+    `CLOCK_PROBE_S`). `local arrival - broker timestamp` is the clock offset plus a wait and
+    a transit (both >= 0), so its minimum over recent samples is an upper bound on the
+    offset, within a round trip of it thanks to the probes: subtracting it gives a queue
+    wait that is never overstated, whatever either clock says. So a worker whose clock runs
+    minutes ahead does not take fresh requests for expired ones (it would otherwise answer
+    them 504 and pull the whole queue). Minima are kept per `bucket_s` over `buckets`
+    buckets, so a clock that is stepped later is followed within that window. Pure: the
+    caller passes its clocks in.
+    """
+
+    def __init__(self, bucket_s: float = 60.0, buckets: int = 10) -> None:
+        self._bucket_s = bucket_s
+        self._max = buckets
+        self._mins: list[tuple[int, int]] = []  # (bucket number, min offset ns)
+
+    def observe(self, mono_s: float, local_ns: int, broker_ns: int) -> None:
+        offset = local_ns - broker_ns
+        bucket = int(mono_s // self._bucket_s)
+        if self._mins and self._mins[-1][0] == bucket:
+            if offset < self._mins[-1][1]:
+                self._mins[-1] = (bucket, offset)
+        else:
+            self._mins.append((bucket, offset))
+        self._mins = [(b, o) for b, o in self._mins if b > bucket - self._max]
+
+    def queued_ms(self, local_ns: int, broker_ns: int) -> float:
+        """The message's wait in the broker, never overstated (0 before any observation)."""
+        if not self._mins:
+            return 0.0
+        offset = min(o for _, o in self._mins)
+        return max(0.0, (local_ns - broker_ns - offset) / 1e6)
+
+
+CLOCK_PROBE_S = 30.0
+
+
+def parse_rfc3339_ns(text: str) -> int:
+    """`2026-12-01T23:49:03.503307644Z` (the broker's `ts`) in unix ns; ValueError if not."""
+    if not text.endswith("Z"):
+        raise ValueError(f"not a UTC RFC 3339 time: {text[:40]!r}")
+    head, _, frac = text[:-1].partition(".")
+    if frac and not frac.isdigit():
+        raise ValueError(f"not a UTC RFC 3339 time: {text[:40]!r}")
+    base = dt.datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC)
+    return int(base.timestamp()) * 10**9 + int((frac + "000000000")[:9])
 
 
 class AckInfo(msgspec.Struct, frozen=True):

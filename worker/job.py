@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from common import names
 from common import protocol as p
-from common.bodies import BodyStore
+from common.bodies import BodyReader
 from common.bus import Publisher
 from common.errors import (
     FleetError,
@@ -47,19 +48,24 @@ _DRAIN_MAX = 64
 
 
 class JobSpec(msgspec.Struct, frozen=True):
+    """A readable request. `producer` comes from the subject (the broker vouches for it),
+    `delivery` from the JetStream metadata; everything else from the producer's headers."""
+
     request_id: str
     op: str
     reply: str
     body: bytes
-    start_by_ms: int | None = None
-    deadline_ms: int | None = None
+    producer: str = names.GATEWAY_PRODUCER
+    delivery: str = ""
+    queue_timeout_ms: int | None = None
+    timeout_ms: int | None = None
     traceparent: str | None = None
     queued_ms: float | None = None
     body_ref: str | None = None
 
 
 class JobResult(msgspec.Struct, frozen=True):
-    request_id: str
+    key: str  # the runner's job key (the delivery)
     ok: bool
     tokens_out: int = 0
     tokens_in: int = 0
@@ -79,38 +85,58 @@ class BadMessage(Exception):
         self.request_id = request_id
 
 
-def _int_header(headers: dict[str, str], name: str) -> int | None:
+def _ms_header(headers: dict[str, str], name: str) -> int | None:
+    """A non-negative duration in ms; anything else reads as absent."""
     v = headers.get(name)
-    if v is None or v == "":
+    if v is None or not (v.isascii() and v.isdigit()) or len(v) > 15:
         return None
-    try:
-        return int(v)
-    except ValueError:
-        return None
+    return int(v)
 
 
-def read_job(headers: dict[str, str] | None, body: bytes, queued_ms: float | None) -> JobSpec:
-    """Validate the request's headers; raises BadMessage."""
+MAX_REQUEST_ID = 256
+
+
+def read_job(
+    subject: str,
+    headers: dict[str, str] | None,
+    body: bytes,
+    *,
+    delivery: str,
+    queued_ms: float | None,
+) -> JobSpec:
+    """Validate the request's subject and headers; raises BadMessage. The reply subject
+    must lie in the reply space of the producer the subject names: a message that names
+    any other (or an unusable one) is never answered at all (`BadMessage.reply` None)."""
     h = headers or {}
-    reply = h.get(p.H_REPLY) or None
     rid = h.get(p.H_REQUEST_ID) or h.get(p.H_MSG_ID) or ""
+    try:
+        producer = names.parse_request_subject(subject)[1]
+    except ValueError as exc:
+        raise BadMessage(str(exc), None, rid) from None
+    reply = h.get(p.H_REPLY) or None
     if reply is None:
         raise BadMessage(f"missing {p.H_REPLY} header", None, rid)
+    try:
+        names.check_reply(reply, producer)
+    except ValueError as exc:
+        raise BadMessage(f"{p.H_REPLY}: {exc}", None, rid) from None
     version = h.get(p.H_VERSION, p.PROTOCOL_VERSION)
     if version != p.PROTOCOL_VERSION:
-        raise BadMessage(f"unsupported protocol version {version!r}", reply, rid)
+        raise BadMessage(f"unsupported protocol version {version[:20]!r}", reply, rid)
     op = h.get(p.H_OP, "chat")
     if op not in p.OPS:
-        raise BadMessage(f"unknown {p.H_OP} {op!r}; expected one of {p.OPS}", reply, rid)
-    if not rid:
-        raise BadMessage(f"missing {p.H_REQUEST_ID} header", reply, rid)
+        raise BadMessage(f"unknown {p.H_OP} {op[:40]!r}; expected one of {p.OPS}", reply, rid)
+    if not rid or len(rid) > MAX_REQUEST_ID:
+        raise BadMessage(f"missing or too long {p.H_REQUEST_ID} header", reply, rid[:64])
     return JobSpec(
         request_id=rid,
         op=op,
         reply=reply,
         body=body,
-        start_by_ms=_int_header(h, p.H_START_BY),
-        deadline_ms=_int_header(h, p.H_DEADLINE),
+        producer=producer,
+        delivery=delivery,
+        queue_timeout_ms=_ms_header(h, p.H_QUEUE_TIMEOUT),
+        timeout_ms=_ms_header(h, p.H_TIMEOUT),
         traceparent=h.get(p.H_TRACEPARENT),
         queued_ms=queued_ms,
         body_ref=h.get(p.H_BODY_REF) or None,
@@ -125,10 +151,11 @@ class ReplyWriter:
     and the runner cancels the job.
     """
 
-    def __init__(self, nc: Publisher, subject: str, watch: str = "") -> None:
+    def __init__(self, nc: Publisher, subject: str, watch: str = "", delivery: str = "") -> None:
         self._nc = nc
         self.subject = subject
         self.watch = watch
+        self.delivery = delivery
         self.seq = 0
         self.last_sent = time.monotonic()
         self.first_output_at: float | None = None  # perf_counter at the first delta
@@ -143,7 +170,7 @@ class ReplyWriter:
         await self._nc.publish(self.subject, p.encode(msg), reply=self.watch)
 
     async def heartbeat(self) -> None:
-        await self.send(p.Heartbeat(last_seq=self.seq - 1))
+        await self.send(p.Heartbeat(last_seq=self.seq - 1, delivery=self.delivery))
 
     async def accepted(self, spec: JobSpec, worker: str, model: str, ack_subject: str) -> None:
         await self.send(
@@ -153,7 +180,9 @@ class ReplyWriter:
                 seq=self.next_seq(),
                 request_id=spec.request_id,
                 queued_ms=spec.queued_ms,
-                ack_subject=ack_subject,
+                # Only the gateways may -NAK (docs/security.md): others need not learn it.
+                ack_subject=ack_subject if spec.producer == names.GATEWAY_PRODUCER else "",
+                delivery=self.delivery,
             )
         )
 
@@ -164,13 +193,15 @@ class ReplyWriter:
                 status=err.status,
                 error=err.body(),
                 retry_after=err.retry_after,
+                delivery=self.delivery,
             )
         )
 
 
-async def send_rejection(nc: Publisher, reply: str, err: FleetError) -> None:
-    """Answer a request that will not run (expired, unreadable) with a lone `error`."""
-    await ReplyWriter(nc, reply).error(err)
+async def send_rejection(nc: Publisher, reply: str, err: FleetError, delivery: str = "") -> None:
+    """Answer a request that will not run (expired, unreadable) with a lone `error`. Only
+    ever called with a reply subject `read_job` checked."""
+    await ReplyWriter(nc, reply, delivery=delivery).error(err)
 
 
 def _decode_error(exc: msgspec.DecodeError) -> InvalidRequest:
@@ -242,7 +273,14 @@ async def _pump(
                         first = False
                         out.first_output_at = time.perf_counter()
                         await on_first()
-                    await out.send(p.Delta(seq=out.next_seq(), choices=choices, tokens=produced))
+                    await out.send(
+                        p.Delta(
+                            seq=out.next_seq(),
+                            choices=choices,
+                            tokens=produced,
+                            delivery=out.delivery,
+                        )
+                    )
                 if got.keep_alive_due:
                     await keep_alive()
     finally:
@@ -275,14 +313,16 @@ class JobHandle:
         spec: JobSpec,
         ack_subject: str,
         watch: str,
-        bodies: BodyStore | None = None,
+        bodies: BodyReader | None = None,
         heartbeat_s: float = 1.0,
+        deadline_at: float | None = None,
     ) -> None:
         self._nc = nc
         self.spec = spec
         self.bodies = bodies
         self.ack_subject = ack_subject
-        self.writer = ReplyWriter(nc, spec.reply, watch)
+        self.deadline_at = deadline_at  # loop time: the request's timeout, on this clock
+        self.writer = ReplyWriter(nc, spec.reply, watch, spec.delivery)
         self.acked = False
         self.heartbeat_s = heartbeat_s
 
@@ -361,11 +401,10 @@ async def run_job(
     await out.accepted(spec, worker, model, handle.ack_subject)
     try:
         usage = await _generate(handle, engine, obs)
-        await _forget_body(handle)
-        await out.send(p.Done(seq=out.next_seq(), usage=usage))
+        await out.send(p.Done(seq=out.next_seq(), usage=usage, delivery=out.delivery))
         outcome, error = "completed", ""
         return JobResult(
-            spec.request_id,
+            spec.delivery,
             ok=True,
             tokens_out=usage.completion_tokens,
             tokens_in=usage.prompt_tokens,
@@ -380,7 +419,6 @@ async def run_job(
     except FleetError as exc:
         error = exc.code or exc.type
         await _end_with(handle, exc)
-        await _forget_body(handle)
     except TimeoutError:
         error = "deadline_exceeded"
         await _end_with(handle, GatewayTimeout("The request's deadline passed during generation."))
@@ -390,7 +428,7 @@ async def run_job(
     finally:
         if obs is not None:
             obs.finish(outcome, out.first_output_at, usage, error or None)
-    return JobResult(spec.request_id, ok=False)
+    return JobResult(spec.delivery, ok=False)
 
 
 def _observer(
@@ -410,11 +448,7 @@ def _observer(
 async def _generate(handle: JobHandle, engine: Engine, obs: JobObserver | None) -> p.Usage:
     """The engine's answer streamed to the reply subject, within the request's deadline."""
     spec = handle.spec
-    timeout_at: float | None = None
-    if spec.deadline_ms is not None:
-        remaining = (spec.deadline_ms - p.now_ms()) / 1000.0
-        timeout_at = asyncio.get_running_loop().time() + remaining
-    async with asyncio.timeout_at(timeout_at):
+    async with asyncio.timeout_at(handle.deadline_at):
         if spec.body_ref is not None:
             spec = await handle.alive_while(_load_body(handle))
         upstream_tp = spec.traceparent
@@ -432,19 +466,14 @@ async def _end_with(handle: JobHandle, err: FleetError) -> None:
 
 
 async def _load_body(handle: JobHandle) -> JobSpec:
-    """Fetch a body passed by reference (deleted once the request is answered)."""
+    """Fetch a body passed by reference from the producer's own bucket (the producer
+    deletes it once answered; the bucket's TTL otherwise)."""
     ref = handle.spec.body_ref
     assert ref is not None
     if handle.bodies is None:
         raise InternalError("This worker cannot read bodies passed by reference.")
-    body = await handle.bodies.get(ref)
+    body = await handle.bodies.get(handle.spec.producer, ref)  # bounded in time there
     return msgspec.structs.replace(handle.spec, body=body)
-
-
-async def _forget_body(handle: JobHandle) -> None:
-    """Delete a body passed by reference once the request was answered (acked)."""
-    if handle.spec.body_ref is not None and handle.bodies is not None and handle.acked:
-        await handle.bodies.delete(handle.spec.body_ref)
 
 
 async def _execute(spec: JobSpec, engine: Engine, handle: JobHandle) -> p.Usage:
@@ -470,7 +499,11 @@ async def _execute(spec: JobSpec, engine: Engine, handle: JobHandle) -> p.Usage:
                 result = await handle.alive_while(engine.embed(emb, spec.body))
                 await first()
                 for i, vec in enumerate(result.embeddings):
-                    await out.send(p.Embedding(seq=out.next_seq(), index=i, embedding=vec))
+                    await out.send(
+                        p.Embedding(
+                            seq=out.next_seq(), index=i, embedding=vec, delivery=out.delivery
+                        )
+                    )
                 return result.usage
     except msgspec.DecodeError as exc:
         raise _decode_error(exc) from exc

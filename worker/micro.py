@@ -54,10 +54,15 @@ async def start_service(
         stats_handler=stats_data,
     )
 
+    # Only requests answered into an inbox are served: a request whose reply is elsewhere
+    # may be a confused deputy's (docs/security.md).
     async def on_status(req: Any) -> None:
-        await req.respond(p.encode(snapshot()))
+        if names.answerable(_reply(req)):
+            await req.respond(p.encode(snapshot()))
 
     async def on_drain(req: Any) -> None:
+        if not names.answerable(_reply(req)):
+            return
         drain()
         await req.respond(p.encode(snapshot()))
 
@@ -74,6 +79,11 @@ async def start_service(
         queue_group=f"q-{worker_id}",
     )
     return svc
+
+
+def _reply(req: Any) -> str:
+    """The reply subject of a micro request (nats-py's `Request` keeps its message private)."""
+    return str(getattr(getattr(req, "_msg", None), "reply", "") or "")
 
 
 def _semver(version: str) -> str:

@@ -9,9 +9,18 @@ one pull and the count of open pulls is exact. Running jobs plus open pulls neve
 `max_concurrency`: every request beyond that waits in the broker, where any worker with
 a free slot takes the next one (fleet-wide FIFO per model).
 
-Events (bounded inbox): Delivered, PullEnded, JobFinished, CancelJob, ListenerGone, Tick,
-Drain, Reconnected. Effects go through the bus (`common.bus.Bus`): `publish` only (pull
-requests, acks, naks, replies), so the accounting is unit-tested on the in-memory bus.
+Events (`worker.inbox.Inbox`): the lifecycle events Delivered, PullEnded, JobFinished,
+Drain and Reconnected are never dropped; CancelJob, ListenerGone and Tick are offered, so a
+flood of them is refused (and counted) instead of crowding those out. Effects go through
+the bus (`common.bus.Bus`): `publish` only (pull requests, acks, naks, replies), so the
+accounting is unit-tested on the in-memory bus.
+
+Jobs are keyed by delivery (`<stream seq>.<delivery count>`), never by the producer's
+request id, so a reused id cannot exceed `max_concurrency` nor cancel someone else's job:
+a cancel names the producer (from its subject, which NATS permissions bind) and matches
+only that producer's jobs. One untrusted message can only fail itself: whatever handling
+a delivery or running a job raises is caught at that edge, the message is terminated and
+counted, and the runner's TaskGroup never sees it.
 """
 
 from __future__ import annotations
@@ -19,19 +28,29 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
 import msgspec
 
 from common import names
-from common import protocol as p
-from common.bodies import BodyStore
+from common.bodies import BodyReader
 from common.bus import Bus
-from common.errors import GatewayTimeout, InvalidRequest, UpstreamError
+from common.errors import FleetError, GatewayTimeout, InvalidRequest, UpstreamError
 from common.natsconn import flush
-from worker.decide import Admission, RunnerState, admit, parse_ack_subject, pull_batch
+from worker.decide import (
+    CLOCK_PROBE_S,
+    Admission,
+    ClockOffset,
+    RunnerState,
+    admit,
+    parse_ack_subject,
+    parse_rfc3339_ns,
+    pull_batch,
+)
 from worker.engine import Engine
+from worker.inbox import Inbox
 from worker.job import (
     BadMessage,
     JobHandle,
@@ -63,7 +82,9 @@ class JobFinished(msgspec.Struct):
 
 
 class CancelJob(msgspec.Struct):
+    producer: str
     request_id: str
+    delivery: str = ""
 
 
 class Tick(msgspec.Struct):
@@ -84,7 +105,31 @@ class Drain(msgspec.Struct):
     grace_s: float
 
 
-Event = Delivered | PullEnded | JobFinished | CancelJob | Tick | Drain | Reconnected | ListenerGone
+class ClockSample(msgspec.Struct):
+    """The broker's time (`broker_ns`, from a consumer-info answer) and when it arrived."""
+
+    mono_s: float
+    local_ns: int
+    broker_ns: int
+
+
+class _BrokerTime(msgspec.Struct):
+    ts: str = ""
+
+
+_broker_time = msgspec.json.Decoder(_BrokerTime)
+
+Event = (
+    Delivered
+    | PullEnded
+    | JobFinished
+    | CancelJob
+    | Tick
+    | Drain
+    | Reconnected
+    | ListenerGone
+    | ClockSample
+)
 
 
 class RunnerStats(msgspec.Struct, frozen=True):
@@ -103,6 +148,9 @@ class RunnerStats(msgspec.Struct, frozen=True):
     listener_gone: int
     tokens_in: int = 0
     drain_cancelled: int = 0
+    terminated: int = 0  # deliveries refused as unreadable or unanswerable (poison)
+    job_errors: int = 0  # jobs that raised past their own error handling (a bug)
+    refused_events: int = 0  # cancels/notices refused while the inbox was full
 
 
 class ModelRunner:
@@ -115,7 +163,7 @@ class ModelRunner:
         nc: Bus,
         worker_id: str,
         settings: RunnerSettings | None = None,
-        bodies: BodyStore | None = None,
+        bodies: BodyReader | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self._bodies = bodies
@@ -126,15 +174,19 @@ class ModelRunner:
         self.worker_id = worker_id
         self.settings = settings or RunnerSettings()
         self._nc = nc
-        self._inbox: asyncio.Queue[Event] = asyncio.Queue(maxsize=4 * max_concurrency + 256)
+        self._inbox: Inbox[Event] = Inbox(max_offered=4 * max_concurrency + 256)
         self._pull_prefix = f"{names.INBOX_ROOT}.w.{worker_id}.{names.escape_model(model_id)}"
-        self._next_api = (
-            f"$JS.API.CONSUMER.MSG.NEXT.{names.REQUEST_STREAM}.{names.consumer_name(model_id)}"
-        )
+        consumer = f"{names.REQUEST_STREAM}.{names.consumer_name(model_id)}"
+        self._next_api = f"$JS.API.CONSUMER.MSG.NEXT.{consumer}"
+        self._info_api = f"$JS.API.CONSUMER.INFO.{consumer}"
         self._pull_ids = itertools.count(1)
         self._pulls: OrderedDict[int, float] = OrderedDict()  # pull id -> expires at
-        self._jobs: dict[str, tuple[asyncio.Task[JobResult], JobHandle]] = {}
-        self._watch: dict[str, str] = {}  # no-responders token -> request id
+        self._jobs: dict[str, tuple[asyncio.Task[JobResult], JobHandle]] = {}  # by delivery
+        self._by_request: dict[tuple[str, str], set[str]] = {}  # (producer, id) -> deliveries
+        self._watch: dict[str, str] = {}  # no-responders token -> delivery
+        self._cancels_queued: set[tuple[str, str, str]] = set()  # in the inbox, not handled
+        self._gone_queued: set[str] = set()  # listener-gone tokens in the inbox
+        self._clock = ClockOffset()
         self._tokens = itertools.count(1)
         self._state = RunnerState.STARTING
         self._tg: asyncio.TaskGroup | None = None
@@ -150,17 +202,18 @@ class ModelRunner:
         self._naks = 0
         self._cancelled = 0
         self._listener_gone = 0
+        self._terminated = 0
+        self._job_errors = 0
 
     # ---- called from other tasks: only enqueue ---------------------------------------------
 
     def post(self, ev: Event) -> None:
-        try:
-            self._inbox.put_nowait(ev)
-        except asyncio.QueueFull:
-            # Bounded by credits, so overflow means a bug (or a flood of cancels). A dropped
-            # delivery is not lost (never acked: the broker redelivers it after ack_wait),
-            # but a dropped JobFinished would leak its slot: issue 12 makes those undroppable.
-            log.error("runner %s inbox full; dropped %s", self.model_id, type(ev).__name__)
+        """Queue an event: lifecycle events always, the others unless a flood fills the
+        inbox (then refused and counted: a cancel or a tick lost under a flood is safe)."""
+        if isinstance(ev, (CancelJob, ListenerGone, Tick, ClockSample)):
+            self._inbox.offer(ev)
+        else:
+            self._inbox.put(ev)
 
     def stats(self) -> RunnerStats:
         credits = len(self._pulls)
@@ -180,39 +233,54 @@ class ModelRunner:
             listener_gone=self._listener_gone,
             tokens_in=self._tokens_in,
             drain_cancelled=self._drain_cancelled,
+            terminated=self._terminated,
+            job_errors=self._job_errors,
+            refused_events=self._inbox.refused,
         )
 
     async def _on_msg(self, msg: Any) -> None:
+        if (msg.reply or "").startswith("$JS.ACK."):
+            self.post(Delivered(msg))  # a delivery, whatever headers its producer set
+            return
         status = (msg.headers or {}).get("Status")
         if status and not msg.data:
             tail = msg.subject.rsplit(".", 1)[-1]
             if tail.startswith("nr"):
-                if status == "503":
-                    self.post(ListenerGone(tail))
+                if status == "503" and tail in self._watch and tail not in self._gone_queued:
+                    self._gone_queued.add(tail)  # one notice per job, however many 503s
+                    if not self._inbox.offer(ListenerGone(tail)):
+                        self._gone_queued.discard(tail)
             elif status != "100":  # 100 = idle heartbeat, not the end of a pull
                 try:
                     self.post(PullEnded(int(tail), status))
                 except ValueError:
                     return
-            return
-        self.post(Delivered(msg))
+        # anything else is not for this runner (nothing else may publish here)
 
     # ---- the owner ---------------------------------------------------------------------
 
     async def run(self, ready: asyncio.Future[None]) -> None:
         sub = await self._nc.subscribe(self._pull_prefix + ".*", cb=self._on_msg)
         await flush(self._nc)
+        first = await self._sample_clock()  # the broker's time before the first delivery
+        if first is not None:
+            self._clock.observe(first.mono_s, first.local_ns, first.broker_ns)
         self._state = RunnerState.READY
         ready.set_result(None)
         try:
             async with asyncio.TaskGroup() as tg:
                 ticker = tg.create_task(self._tick())
+                prober = tg.create_task(self._clock_probes())
                 self._tg = tg
                 while self._state is not RunnerState.STOPPED:
-                    await self._top_up()
+                    try:
+                        await self._top_up()
+                    except Exception:  # the broker connection; the next tick retries
+                        log.exception("runner %s: could not ask for work", self.model_id)
                     ev = await self._inbox.get()
                     await self._handle(ev)
                 ticker.cancel()
+                prober.cancel()
         finally:
             self._state = RunnerState.STOPPED
             await sub.unsubscribe()
@@ -221,6 +289,23 @@ class ModelRunner:
         while True:
             await asyncio.sleep(_TICK_S)
             self.post(Tick())
+
+    async def _sample_clock(self) -> ClockSample | None:
+        """Ask the broker for its time (the `ts` of this model's consumer info)."""
+        try:
+            msg = await self._nc.request(self._info_api, b"", timeout=2.0)
+            local_ns = time.time_ns()
+            broker_ns = parse_rfc3339_ns(_broker_time.decode(msg.data).ts)
+        except Exception:  # no answer, no permission, an old broker: deliveries still teach
+            return None
+        return ClockSample(asyncio.get_running_loop().time(), local_ns, broker_ns)
+
+    async def _clock_probes(self) -> None:
+        while True:
+            await asyncio.sleep(CLOCK_PROBE_S)
+            sample = await self._sample_clock()
+            if sample is not None:
+                self.post(sample)
 
     async def _top_up(self) -> None:
         n = pull_batch(self.max_concurrency, len(self._jobs), len(self._pulls), self._state)
@@ -237,29 +322,43 @@ class ModelRunner:
     async def _handle(self, ev: Event) -> None:
         match ev:
             case Delivered(msg=msg):
-                if self._pulls:
-                    self._pulls.popitem(last=False)
-                await self._on_delivered(msg)
+                await self._on_delivery_event(msg)
             case PullEnded(pull_id=pid, status=status):
                 self._on_pull_ended(pid, status)
             case JobFinished(result=res):
                 self._on_finished(res)
-            case CancelJob(request_id=rid):
-                job = self._jobs.get(rid)
-                if job is not None:
-                    self._cancelled += 1
-                    job[0].cancel()
+            case CancelJob():
+                self._on_cancel(ev)
             case ListenerGone(token=token):
                 self._on_listener_gone(token)
             case Reconnected():
                 self._pulls.clear()
             case Tick():
                 self._on_tick()
+            case ClockSample(mono_s=mono, local_ns=local, broker_ns=broker):
+                self._clock.observe(mono, local, broker)
             case Drain(grace_s=grace):
                 if self._state is RunnerState.READY:
                     self._state = RunnerState.DRAINING
                     self._drain_deadline = asyncio.get_running_loop().time() + grace
                 self._maybe_stopped()
+
+    async def _on_delivery_event(self, msg: Any) -> None:
+        if self._pulls:
+            self._pulls.popitem(last=False)
+        try:
+            await self._on_delivered(msg)
+        except Exception:  # one message can only fail itself
+            log.exception("runner %s: could not handle a delivery", self.model_id)
+            await self._terminate(msg.reply)
+
+    def _on_cancel(self, ev: CancelJob) -> None:
+        self._cancels_queued.discard((ev.producer, ev.request_id, ev.delivery))
+        for key in list(self._by_request.get((ev.producer, ev.request_id), ())):
+            job = self._jobs.get(key)
+            if job is not None and ev.delivery in ("", key) and not job[0].cancelling():
+                self._cancelled += 1
+                job[0].cancel()
 
     def _on_pull_ended(self, pull_id: int, status: str) -> None:
         if self._pulls.pop(pull_id, None) is None and self._pulls:
@@ -269,9 +368,15 @@ class ModelRunner:
             self._pull_backoff_until = asyncio.get_running_loop().time() + 1.0
 
     def _on_finished(self, res: JobResult) -> None:
-        job = self._jobs.pop(res.request_id, None)
+        job = self._jobs.pop(res.key, None)
         if job is not None:
             self._watch.pop(job[1].writer.watch.rsplit(".", 1)[-1], None)
+            spec = job[1].spec
+            keys = self._by_request.get((spec.producer, spec.request_id))
+            if keys is not None:
+                keys.discard(res.key)
+                if not keys:
+                    del self._by_request[(spec.producer, spec.request_id)]
         if res.ok:
             self._completed += 1
             self._tokens_out += res.tokens_out
@@ -281,6 +386,7 @@ class ModelRunner:
         self._maybe_stopped()
 
     def _on_listener_gone(self, token: str) -> None:
+        self._gone_queued.discard(token)
         owner = self._watch.get(token)
         job = self._jobs.get(owner) if owner is not None else None
         if job is not None:
@@ -305,25 +411,48 @@ class ModelRunner:
         if self._state is RunnerState.DRAINING and not self._jobs:
             self._state = RunnerState.STOPPED
 
-    async def _on_delivered(self, msg: Any) -> None:
-        info = parse_ack_subject(msg.reply or "")
-        queued_ms = None
-        if info is not None:
-            queued_ms = max(0.0, (p.now_ms() * 1e6 - info.timestamp_ns) / 1e6)
+    async def _terminate(self, ack_subject: str) -> None:
+        """Drop a delivery for good (+TERM), counted; never raises."""
+        self._terminated += 1
         try:
-            spec = read_job(msg.headers, msg.data, queued_ms)
+            await self._nc.publish(ack_subject, b"+TERM")
+        except Exception:
+            log.warning("runner %s: could not terminate a delivery", self.model_id)
+
+    async def _reject(self, spec: JobSpec, err: FleetError) -> None:
+        try:
+            await send_rejection(self._nc, spec.reply, err, spec.delivery)
+        except Exception:
+            log.warning("runner %s: could not send a rejection", self.model_id)
+
+    async def _on_delivered(self, msg: Any) -> None:
+        info = parse_ack_subject(msg.reply)
+        if info is None:
+            await self._terminate(msg.reply)
+            return
+        local_ns = time.time_ns()
+        self._clock.observe(asyncio.get_running_loop().time(), local_ns, info.timestamp_ns)
+        queued_ms = self._clock.queued_ms(local_ns, info.timestamp_ns)
+        delivery = f"{info.stream_seq}.{info.delivered}"
+        try:
+            spec = read_job(
+                msg.subject, msg.headers, msg.data, delivery=delivery, queued_ms=queued_ms
+            )
         except BadMessage as bad:
-            await self._nc.publish(msg.reply, b"+TERM")
+            await self._terminate(msg.reply)
             if bad.reply:
-                await send_rejection(self._nc, bad.reply, InvalidRequest(bad.reason))
+                try:
+                    await send_rejection(self._nc, bad.reply, InvalidRequest(bad.reason), delivery)
+                except Exception:
+                    log.warning("runner %s: could not send a rejection", self.model_id)
             return
         decision = admit(
             state=self._state,
             running=len(self._jobs),
             max_concurrency=self.max_concurrency,
-            start_by_ms=spec.start_by_ms,
-            now_ms=p.now_ms(),
-            delivered=info.delivered if info is not None else 1,
+            queue_timeout_ms=spec.queue_timeout_ms,
+            queued_ms=queued_ms,
+            delivered=info.delivered,
         )
         match decision:
             case Admission.NAK:
@@ -332,57 +461,82 @@ class ModelRunner:
             case Admission.EXPIRED:
                 self._expired += 1
                 await self._nc.publish(msg.reply, b"+ACK")
-                await send_rejection(
-                    self._nc,
-                    spec.reply,
-                    GatewayTimeout("The request waited in the queue past its start-by time."),
+                await self._reject(
+                    spec, GatewayTimeout("The request waited in the queue past its timeout.")
                 )
             case Admission.POISON:
-                await self._nc.publish(msg.reply, b"+TERM")
-                await send_rejection(
-                    self._nc,
-                    spec.reply,
+                await self._terminate(msg.reply)
+                await self._reject(
+                    spec,
                     UpstreamError(
                         "The request was handed to too many workers without an answer.",
                         code="too_many_deliveries",
                     ),
                 )
             case Admission.RUN:
-                self._start(spec, msg.reply)
+                cap_ms = self.settings.max_request_s * 1000.0
+                timeout_ms = cap_ms if spec.timeout_ms is None else min(spec.timeout_ms, cap_ms)
+                left_s = (timeout_ms - queued_ms) / 1000.0
+                self._start(spec, msg.reply, asyncio.get_running_loop().time() + left_s)
 
-    def _start(self, spec: JobSpec, ack_subject: str) -> None:
+    def _start(self, spec: JobSpec, ack_subject: str, deadline_at: float) -> None:
         token = f"nr{next(self._tokens)}"
         watch = f"{self._pull_prefix}.{token}"
+        key = spec.delivery
         handle = JobHandle(
-            self._nc, spec, ack_subject, watch, self._bodies, self.settings.heartbeat_s
-        )
-        job = run_job(
-            handle,
-            engine=self.engine,
-            worker=self.worker_id,
-            model=self.model_id,
-            metrics=self._metrics,
+            self._nc,
+            spec,
+            ack_subject,
+            watch,
+            self._bodies,
+            self.settings.heartbeat_s,
+            deadline_at=deadline_at,
         )
         assert self._tg is not None
-        task = self._tg.create_task(job)
-        self._jobs[spec.request_id] = (task, handle)
-        self._watch[token] = spec.request_id
+        task = self._tg.create_task(self._guarded(handle))
+        self._jobs[key] = (task, handle)
+        self._by_request.setdefault((spec.producer, spec.request_id), set()).add(key)
+        self._watch[token] = key
         self._peak = max(self._peak, len(self._jobs))
 
         def done(t: asyncio.Task[JobResult]) -> None:
-            if t.cancelled() or t.exception() is not None:
-                res = JobResult(spec.request_id, ok=False)
-            else:
-                res = t.result()
+            res = JobResult(key, ok=False) if t.cancelled() else t.result()
             self.post(JobFinished(res))
 
         task.add_done_callback(done)
 
+    async def _guarded(self, handle: JobHandle) -> JobResult:
+        """The job, with anything it raises past its own handling caught here (counted):
+        one request never ends the runner's TaskGroup."""
+        try:
+            return await run_job(
+                handle,
+                engine=self.engine,
+                worker=self.worker_id,
+                model=self.model_id,
+                metrics=self._metrics,
+            )
+        except Exception:
+            self._job_errors += 1
+            log.exception("runner %s: request %s raised", self.model_id, handle.spec.request_id)
+            return JobResult(handle.spec.delivery, ok=False)
+
     def drain(self, grace_s: float) -> None:
         self.post(Drain(grace_s))
 
-    def cancel(self, request_id: str) -> None:
-        self.post(CancelJob(request_id))
+    def cancel(self, producer: str, request_id: str, delivery: str = "") -> None:
+        """A cancel from `producer` (the subject it came on says who). Only a cancel that
+        can stop a job of that producer here is queued, and only once until handled: a
+        flood of cancels (for other ids, other deliveries, the same one again) costs
+        nothing and cannot crowd out anyone else's."""
+        keys = self._by_request.get((producer, request_id))
+        if not keys or (delivery and delivery not in keys):
+            return
+        key = (producer, request_id, delivery)
+        if key not in self._cancels_queued:
+            self._cancels_queued.add(key)
+            if not self._inbox.offer(CancelJob(producer, request_id, delivery)):
+                self._cancels_queued.discard(key)
 
     def reconnected(self) -> None:
         self.post(Reconnected())

@@ -20,10 +20,9 @@ from nats.js.errors import ServiceUnavailableError
 
 from common import __version__, names
 from common import protocol as p
-from common.bodies import BodyStore
+from common.bodies import BodyReader
 from common.natsconn import close, connect, flush, jetstream
 from common.queue import ensure_consumer, ensure_stream
-from common.settings import BodySettings
 from common.telemetry import Telemetry, serve_metrics
 from worker.decide import RunnerState, transition
 from worker.engine import Engine
@@ -34,6 +33,12 @@ from worker.runner import ModelRunner
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+
+DISCOVER_EVERY_S = 0.25
+CONTROL_PENDING = 4096
+"""Messages a control subscription (ping, cancel, discover) may hold unread: a flood beyond
+it is dropped by the client (a slow-consumer error, logged rate-limited), not queued."""
 
 
 class ServedModel(msgspec.Struct):
@@ -67,6 +72,8 @@ class Worker:
         self.engine_kinds = ",".join(dict.fromkeys(m.engine.card().engine for m in models))
         self._rates = RateWindow()
         self._stop = asyncio.Event()
+        self._last_discover_answer = -DISCOVER_EVERY_S
+        self._discover_due = False
         self._nc: Any = None
         self.failed = False  # an engine failed to start; the process should exit non-zero
         # Metrics and traces; built (and shut down) by the caller, like the gateway's.
@@ -151,14 +158,37 @@ class Worker:
             log.warning("ignored unreadable control message")
             return
         match cmd:
-            case p.Cancel(request_id=rid):
-                for r in self.runners:
-                    r.cancel(rid)
             case p.Ping():
-                if msg.reply:
+                if msg.reply and names.answerable(msg.reply):
                     await msg.respond(p.PONG)
+            case p.Cancel():
+                pass  # only on the cancel subject, which names the producer
+
+    async def _on_cancel(self, msg: Any) -> None:
+        """`llmfleet.cancel.<worker>.<producer>`: the subject's last token (bound to the
+        producer's NATS user by permissions) says whose request to cancel."""
+        producer = msg.subject.rsplit(".", 1)[-1]
+        try:
+            cmd = p.decode_control(msg.data)
+        except msgspec.DecodeError:
+            return
+        if isinstance(cmd, p.Cancel):
+            for r in self.runners:
+                r.cancel(producer, cmd.request_id, cmd.delivery)
 
     async def _on_discover(self, msg: Any) -> None:
+        """Announce, but at most once per DISCOVER_EVERY_S: a discover that comes sooner is
+        answered at the end of that window (one answer for any number of them; the
+        subscription's callbacks run one at a time, and a flood beyond its pending limit
+        is dropped)."""
+        wait = self._last_discover_answer + DISCOVER_EVERY_S - time.monotonic()
+        if wait > 0:
+            if self._discover_due:
+                return
+            self._discover_due = True
+            await asyncio.sleep(wait)
+            self._discover_due = False
+        self._last_discover_answer = time.monotonic()
         await self._announce()
 
     def request_drain(self) -> None:
@@ -180,6 +210,9 @@ class Worker:
             name=f"llmfleet-worker-{self.worker_id}",
             inbox_prefix=names.worker_inbox_prefix(self.worker_id),
             on_reconnect=on_reconnect,
+            tls_ca=s.nats_ca,
+            tls_cert=s.nats_cert,
+            tls_key=s.nats_key,
         )
         self._nc = nc
         try:
@@ -270,6 +303,7 @@ class Worker:
     async def _listen(self, nc: Any) -> tuple[list[Any], Any]:
         """The control subject, `discover`, and the micro service, before anything runs."""
         ctl = await nc.subscribe(names.control_subject(self.worker_id), cb=self._on_control)
+        cancels = await nc.subscribe(names.cancel_subject(self.worker_id, "*"), cb=self._on_cancel)
         disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=self._on_discover)
         svc = await start_service(
             nc,
@@ -281,7 +315,7 @@ class Worker:
             drain=self.request_drain,
         )
         await flush(nc)
-        return [disc, ctl], svc
+        return [disc, ctl, cancels], svc
 
     async def _started(self) -> bool:
         """Load every engine, unless a stop comes first. False: do not serve (the engines
@@ -304,6 +338,7 @@ class Worker:
         """One runner per model, each started (subscribed to its pulls) before the next."""
         s = self.settings
         tasks = []
+        bodies = BodyReader(jetstream(nc))
         for m in self.models:
             runner = ModelRunner(
                 model_id=m.model_id,
@@ -312,7 +347,7 @@ class Worker:
                 nc=nc,
                 worker_id=self.worker_id,
                 settings=s.runner,
-                bodies=BodyStore(jetstream(nc), BodySettings(replicas=s.queue.replicas)),
+                bodies=bodies,
                 metrics=self._job_metrics if self.telemetry.enabled else None,
             )
             started: asyncio.Future[None] = asyncio.get_running_loop().create_future()

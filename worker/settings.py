@@ -11,7 +11,13 @@ from common.settings import QueueSettings
 
 class RunnerSettings(msgspec.Struct, frozen=True):
     heartbeat_s: float = 1.0
-    pull_expires_s: float = 10.0  # a pull request's lifetime at the broker
+    # A pull request's lifetime at the broker. Shorter than the gateway's stall timeout
+    # (5 s): when a gateway gives up on a frozen worker and hands its delivery back, the
+    # frozen worker's own pulls have lapsed, so the redelivery goes to a live worker.
+    pull_expires_s: float = 3.0
+    # The longest a request may run here, whatever its Llmfleet-Timeout says (or when it
+    # sends none): a producer cannot hold a slot for good (the gateway's --request-timeout).
+    max_request_s: float = 600.0
 
 
 class SimSettings(msgspec.Struct, frozen=True):
@@ -78,3 +84,9 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     runner: RunnerSettings = RunnerSettings()
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no /metrics server
+    # NATS TLS (PEM files; see common.natsconn.tls_context): the CA to check servers
+    # against (for NATS only: HTTPS upstreams keep the system store), and a client
+    # certificate + key for servers that demand one.
+    nats_ca: str | None = None
+    nats_cert: str | None = None
+    nats_key: str | None = None

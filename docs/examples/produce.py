@@ -6,13 +6,17 @@ imports) and print its reply stream until the terminal message.
         [--name demo] [TEXT]
 
 With the accounts of deploy/nats/accounts.conf, log in as a batch producer and use its
-name: `--nats nats://batch-etl:<password>@host:4222 --name etl`. The producer's inbox
-prefix and reply subjects are under `_LLMFLEET.batch.<name>`, the only prefix it may read.
+NATS user name as the producer name: `--nats nats://batch-etl:<password>@host:4222 --name
+batch-etl`. Requests go to `llmfleet.req.<model>.<name>` (the only name its permissions
+allow), and its inbox prefix and reply subjects are under `_LLMFLEET.r.<name>`, the only
+space workers answer it in and the only one it may read.
 
-It follows the reader's rules of docs/protocol.md: skip unknown message types, check `seq`
-(and `heartbeat.last_seq`), accept a second `accepted` before any content (a redelivery),
-and treat a silent worker as gone (ping it; hand the request back with -NAK if it died
-before its first output).
+It follows the reader's rules of docs/protocol.md (protocol 2): skip unknown message
+types, follow one `delivery` and check its `seq` (and `heartbeat.last_seq`), take a second
+`accepted` of another delivery before any content (a redelivery), and ignore messages of
+deliveries it left behind. A worker silent for 3 s (a live one sends a heartbeat every
+second) is taken as lost: before its first output the broker redelivers the request after
+its ack wait (5 s); batch producers may not ping workers.
 """
 
 import argparse
@@ -40,20 +44,11 @@ def header_bytes(headers: dict[str, str]) -> int:
     return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 2
 
 
-async def alive(nc: nats.NATS, worker: str) -> bool:
-    """Ping the worker's control subject: no responders (or no answer) means it is gone."""
-    try:
-        await nc.request(f"llmfleet.ctl.{worker}", b'{"type":"ping"}', timeout=1.0)
-    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
-        return False
-    return True
-
-
 async def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nats", default="nats://127.0.0.1:4222")
     ap.add_argument("--model", default="sim-model")
-    ap.add_argument("--name", default="demo", help="producer name: inbox _LLMFLEET.batch.<name>")
+    ap.add_argument("--name", default="demo", help="producer name (its NATS user name)")
     ap.add_argument("--queue-wait", type=float, default=600.0, help="seconds to wait in the queue")
     ap.add_argument("text", nargs="?", default="Hello")
     args = ap.parse_args()
@@ -61,7 +56,7 @@ async def main() -> int:
     # Our own inbox prefix: PubAcks and pongs arrive under the prefix our permissions allow.
     servers = args.nats.split(",")  # one URL, or every node of a cluster
     nc = await nats.connect(
-        servers, name=f"produce-{args.name}", inbox_prefix=f"_LLMFLEET.batch.{args.name}"
+        servers, name=f"produce-{args.name}", inbox_prefix=f"_LLMFLEET.r.{args.name}"
     )
     try:
         return await produce(nc, args)
@@ -75,7 +70,7 @@ async def produce(nc: nats.NATS, args: argparse.Namespace) -> int:
     # 1. Subscribe to a reply subject of our own BEFORE publishing the request, and stay
     #    subscribed until the terminal message (unsubscribing early cancels the request).
     request_id = uuid.uuid4().hex
-    reply_subject = f"_LLMFLEET.batch.{args.name}.r.{request_id}"
+    reply_subject = f"_LLMFLEET.r.{args.name}.replies.{request_id}"
     sub = await nc.subscribe(reply_subject)
     await nc.flush()
 
@@ -87,58 +82,69 @@ async def produce(nc: nats.NATS, args: argparse.Namespace) -> int:
             "max_tokens": 16,
         }
     ).encode()
-    now_ms = int(time.time() * 1000)
     headers = {
-        "Llmfleet-Version": "1",
+        "Llmfleet-Version": "2",
         "Llmfleet-Op": "chat",
         "Llmfleet-Request-Id": request_id,
         "Nats-Msg-Id": request_id,  # a re-publish within 2 minutes is deduplicated
         "Llmfleet-Reply": reply_subject,
-        "Llmfleet-Start-By": str(now_ms + int(args.queue_wait * 1000)),  # else dropped unrun
-        "Llmfleet-Deadline": str(now_ms + 15 * 60_000),  # cut generation off at 15 min
+        # Both in ms after the broker stored it (the broker's clock, not ours):
+        "Llmfleet-Queue-Timeout": str(int(args.queue_wait * 1000)),  # else dropped unrun
+        "Llmfleet-Timeout": str(15 * 60_000),  # cut generation off at 15 min
     }
     if len(body) + header_bytes(headers) > nc.max_payload:
         # Over max_payload the server would close the connection: pass the body by
-        # reference instead (object store LLMFLEET_BODIES, see docs/protocol.md).
+        # reference instead (object store LLMFLEET_BODIES_<name>, see docs/protocol.md).
         print("body too large for one message", file=sys.stderr)
         return 2
-    ack = await js.publish(f"llmfleet.req.{escape_model(args.model)}", body, headers=headers)
+    subject = f"llmfleet.req.{escape_model(args.model)}.{args.name}"
+    ack = await js.publish(subject, body, headers=headers)
     print(f"queued: stream {ack.stream} seq {ack.seq}")
 
     # 3. Read the reply stream until exactly one terminal message (done or error).
-    worker, ack_subject, expect, started = None, "", 0, False
+    worker, delivery, left, expect, started = None, None, set(), 0, False
+    lost_at = None  # when the worker stopped answering (the broker redelivers after ~5 s)
     while True:
-        timeout = args.queue_wait if worker is None else SILENCE_S
+        timeout = args.queue_wait if worker is None and lost_at is None else SILENCE_S
         try:
             msg = await sub.next_msg(timeout=timeout)
         except nats.errors.TimeoutError:
             if worker is None:
+                if lost_at is not None and time.monotonic() - lost_at < 15.0:
+                    continue  # waiting for the redelivery
                 print("no worker took the request in time", file=sys.stderr)
                 return 1
-            if await alive(nc, worker):
-                continue  # alive but slow to say so: keep waiting
             if started:
                 print(f"worker {worker} died mid-stream", file=sys.stderr)
                 return 1
-            # Died before its first output: hand the request back for another worker.
-            await nc.publish(ack_subject, b"-NAK")
-            worker = None
+            # Gone before its first output: the broker hands the request to another worker
+            # once the ack wait passes. Leave this delivery behind (cancel it in case the
+            # worker comes back, and ignore anything it still sends).
+            left.add(delivery)
+            cancel = json.dumps({"type": "cancel", "request_id": request_id, "delivery": delivery})
+            await nc.publish(f"llmfleet.cancel.{worker}.{args.name}", cancel.encode())
+            worker, lost_at = None, time.monotonic()
             continue
         reply = json.loads(msg.data)
         kind = reply.get("type")
-        if kind not in KNOWN:
-            continue  # a message type from a newer protocol revision
+        if kind not in KNOWN or reply.get("delivery") in left:
+            continue  # a newer protocol revision's type, or a delivery we left behind
         print(json.dumps(reply))
+        if kind == "accepted":
+            if started:  # another delivery after content: stop it, keep ours
+                cancel = {"type": "cancel", "request_id": request_id, "delivery": reply["delivery"]}
+                left.add(reply["delivery"])
+                await nc.publish(f"llmfleet.cancel.{reply['worker']}.{args.name}",
+                                 json.dumps(cancel).encode())  # fmt: skip
+                continue
+            worker, delivery, expect, lost_at = reply["worker"], reply["delivery"], 1, None
+            continue
+        if reply.get("delivery") != delivery and not (kind == "error" and reply["seq"] == 0):
+            continue  # not the delivery we follow
         if kind == "heartbeat":
-            if worker is not None and reply["last_seq"] != expect - 1:
+            if reply["last_seq"] != expect - 1:
                 print("a reply message was lost", file=sys.stderr)
                 return 1
-            continue
-        if kind == "accepted":
-            if started:
-                print("restarted after content: giving up", file=sys.stderr)
-                return 1
-            worker, ack_subject, expect = reply["worker"], reply.get("ack_subject", ""), 1
             continue
         if kind == "error" and reply["seq"] == 0:
             return 1  # refused outright (unreadable, expired, too many deliveries)

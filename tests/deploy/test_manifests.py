@@ -4,7 +4,9 @@ No Docker or Kubernetes here: the manifests are parsed and every command line is
 through the real `llmfleet` argument parser, every LLMFLEET_* variable must name a real
 flag, and names and ports must agree across files (the image, NATS URLs and users,
 gateway/worker ports vs containerPort vs Service vs Prometheus, KEDA's stream and
-consumer vs common.names).
+consumer vs common.names). The closed defaults are checked too: every published port on
+the host's loopback, no password without which compose would still start, monitoring on
+loopback except inside compose's containers, no Secret applied by `kubectl apply -k`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import yaml
 
 from common import names
 from llmfleet.cli import build_parser
+from tests.deploy.natsconf import password_env
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -28,6 +31,10 @@ NATS_DIR = REPO / "deploy" / "nats"
 ACCOUNTS = (NATS_DIR / "accounts.conf").read_text()
 HUB_CONF = (NATS_DIR / "hub.conf").read_text()
 LEAF_CONF = (NATS_DIR / "leaf.conf").read_text()
+COMPOSE_CONF = (NATS_DIR / "compose.conf").read_text()
+COMPOSE_NATS_CONF = "/etc/nats/compose.conf"
+ENV = password_env()
+"""What `.env` holds for compose: one password per NATS user (the names accounts.conf reads)."""
 IMAGE_REPO = "llmfleet"
 ROLE_OF = {"gateway": "gateway", "worker": "worker", "status": "admin", "drain": "admin"}
 
@@ -35,13 +42,43 @@ ROLE_OF = {"gateway": "gateway", "worker": "worker", "status": "admin", "drain":
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def _interpolate(text: str) -> str:
-    """Compose's `${VAR:-default}` / `${VAR}` with an empty environment."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", text)
+class MissingVariable(Exception):
+    """`${VAR:?message}` with VAR unset or empty: compose refuses to start."""
 
 
-def _compose(text: str | None = None) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load(_interpolate(text or COMPOSE.read_text()))
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}`, `${VAR-default}`, `${VAR:?err}`, `${VAR?err}`."""
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        value = env.get(name)
+        empty = value is None or (value == "" and op is not None and op.startswith(":"))
+        if op in ("-", ":-"):
+            return arg if empty else str(value)
+        if op in ("?", ":?"):
+            if empty:
+                raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+            return str(value)
+        return value or ""
+
+    return _VARIABLE.sub(one, text)
+
+
+def _interpolate_values(node: Any, env: dict[str, str]) -> Any:
+    """As compose does: parse first, then interpolate every string value (not comments)."""
+    if isinstance(node, dict):
+        return {k: _interpolate_values(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate_values(v, env) for v in node]
+    return _interpolate(node, env) if isinstance(node, str) else node
+
+
+def _compose(text: str | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    parsed = yaml.safe_load(text or COMPOSE.read_text())
+    doc: dict[str, Any] = _interpolate_values(parsed, ENV if env is None else env)
     return doc
 
 
@@ -176,8 +213,9 @@ def test_compose_nats_urls_name_the_cluster_and_the_role_users() -> None:
         assert role in _account_users()
         for u in urls:
             assert (u.scheme, u.port, u.username) == ("nats", 4222, role), name
-            # the same (default) password the servers get for that user
+            # the same password (from .env) the servers get for that user
             assert u.password == server_env[f"NATS_{role.upper()}_PASSWORD"], name
+            assert u.password == ENV[f"NATS_{role.upper()}_PASSWORD"], name
 
 
 def test_compose_nats_nodes_load_the_deployed_configs() -> None:
@@ -194,15 +232,21 @@ def test_compose_nats_nodes_load_the_deployed_configs() -> None:
         assert conf is not None
         host_dir = mounts[str(Path(conf).parent)]
         assert (REPO / host_dir).resolve() == NATS_DIR
-        node_conf = (NATS_DIR / Path(conf).name).read_text()
-        assert f"server_name: {n}\n" in node_conf and 'include "hub.conf"' in node_conf
+        # compose.conf (hub.conf, monitoring open in the container); the name from --name
+        assert conf == COMPOSE_NATS_CONF
+        assert _flag(svc["command"], "--name") == n
+        assert 'include "hub.conf"' in (NATS_DIR / Path(conf).name).read_text()
         # store_dir "/data" is a volume; every password accounts.conf reads is set
         assert any(v.endswith(":/data") for v in svc["volumes"])
         assert set(svc["environment"]) == _password_vars()
         container_ports = {p.split(":")[-1] for p in svc["ports"]}
         assert container_ports == {"4222", "7422", "8222"}
-    for port in ("0.0.0.0:4222", "0.0.0.0:8222", "0.0.0.0:6222"):
-        assert port in HUB_CONF
+    # The nodes' files outside compose: the same hub.conf, the name set in the file.
+    for n in ("nats-1", "nats-2", "nats-3"):
+        node_conf = (NATS_DIR / f"{n}.conf").read_text()
+        assert f"server_name: {n}\n" in node_conf and 'include "hub.conf"' in node_conf
+    for listen in ('listen: "0.0.0.0:4222"', 'listen: "0.0.0.0:6222"', 'http: "127.0.0.1:8222"'):
+        assert listen in HUB_CONF
     assert "leafnodes {" in HUB_CONF and "port: 7422" in HUB_CONF
 
 
@@ -214,13 +258,94 @@ def test_compose_gateway_replicas_ports_and_healthcheck() -> None:
     replicas = gw["deploy"]["replicas"]
     assert replicas == 2
     (mapping,) = gw["ports"]
-    host, container = mapping.split(":")
+    address, host, container = mapping.split(":")
+    assert address == "127.0.0.1"
     assert int(container) == args.port
     first, last = (int(p) for p in host.split("-"))
     assert last - first + 1 == replicas  # one host port per replica
     probe = " ".join(gw["healthcheck"]["test"])
     assert f"127.0.0.1:{args.port}/healthz" in probe
     assert int(gw["stop_grace_period"].rstrip("s")) > 30  # open streams get 30 s
+
+
+def _published(compose: dict[str, Any]) -> dict[str, list[str]]:
+    return {n: [str(p) for p in s.get("ports", [])] for n, s in compose["services"].items()}
+
+
+@pytest.mark.parametrize("gpu_example", [False, True])
+def test_compose_publishes_every_port_on_the_hosts_loopback_only(gpu_example: bool) -> None:
+    compose = _compose_with_gpu_example() if gpu_example else _compose()
+    published = _published(compose)
+    assert {"nats-1", "gateway", "prometheus"} <= {n for n, ps in published.items() if ps}
+    for service, ports in published.items():
+        for mapping in ports:
+            # "127.0.0.1:HOST:CONTAINER": a bare "HOST:CONTAINER" means every interface
+            assert mapping.startswith("127.0.0.1:") and mapping.count(":") == 2, (service, mapping)
+
+
+def test_compose_has_no_default_nats_passwords() -> None:
+    raw = "\n".join(line.split(" #")[0] for line in COMPOSE.read_text().splitlines()
+                    if not line.lstrip().startswith("#"))  # fmt: skip
+    uses = re.findall(r"\$\{(NATS_[A-Z_]+_PASSWORD)([^}]*)\}", raw)
+    assert {name for name, _ in uses} == _password_vars()
+    for name, rest in uses:
+        # `${VAR:?...}`: compose stops when the password is unset or empty; no `:-` default
+        assert rest.startswith(":?"), f"${{{name}{rest}}}"
+    # Nothing else falls back silently except the documented empty, off-by-default ones.
+    defaults = {m.group(1) for m in _VARIABLE.finditer(raw) if m.group(2) in ("-", ":-")}
+    assert defaults <= {"LLMFLEET_API_KEY", "HF_TOKEN"}, defaults
+    assert all(not m.group(3) for m in _VARIABLE.finditer(raw) if m.group(2) in ("-", ":-"))
+    for dev in ("gateway-dev", "worker-dev", "admin-dev", "sys-dev", "leaf-dev"):
+        assert dev not in raw
+    # Without .env, compose fails and names a password; with it, it starts.
+    with pytest.raises(MissingVariable, match=r"NATS_[A-Z_]+_PASSWORD"):
+        _compose(env={})
+    for name in sorted(_password_vars()):
+        with pytest.raises(MissingVariable, match=name):
+            _compose(env={**ENV, name: ""})
+    _compose(env=ENV)
+
+
+def test_deploy_readme_generates_every_password_compose_needs() -> None:
+    """The documented .env one-liners set exactly the variables compose requires."""
+    readme = (REPO / "deploy" / "README.md").read_text()
+    roles = re.findall(r'for r in "([A-Z_ ]+)"\.split\(\)', readme)
+    roles += re.findall(r"for r in ([A-Z_ ]+); do", readme)
+    assert len(roles) >= 2, "the python and the shell one-liner"
+    for found in roles:
+        assert {f"NATS_{r}_PASSWORD" for r in found.split()} == _password_vars()
+    assert "openssl rand -hex 24" in readme and "secrets.token_hex(24)" in readme
+
+
+def _conf_http(text: str) -> list[str]:
+    """The monitoring listen addresses a nats-server config sets (`http:`/`https:`)."""
+    return re.findall(r'^\s*https?\s*[:=]\s*"?([^"\s]+)"?', text, re.M)
+
+
+def test_monitoring_listens_on_loopback_except_inside_compose_containers() -> None:
+    confs = {f.name: f.read_text() for f in sorted(NATS_DIR.glob("*.conf"))}
+    assert {"hub.conf", "leaf.conf", "compose.conf", "nats-1.conf", "tls.conf"} <= set(confs)
+    for name, text in confs.items():
+        for addr in _conf_http(text):
+            if name == "compose.conf":
+                continue
+            assert addr.startswith("127.0.0.1:"), (name, addr)
+        # a bare port would listen on the client address (0.0.0.0 in hub.conf)
+        code = re.sub(r"#.*", "", text)
+        assert not re.search(r"^\s*(https?_port|monitor_port)\s*[:=]", code, re.M), name
+    assert _conf_http(confs["hub.conf"]) == ["127.0.0.1:8222"]
+    assert _conf_http(confs["leaf.conf"]) == []  # no monitoring on a GPU host's leaf
+    # compose.conf opens it inside the container, after hub.conf (the later one wins) ...
+    compose_conf = confs["compose.conf"]
+    assert _conf_http(compose_conf) == ["0.0.0.0:8222"]
+    assert compose_conf.index('include "hub.conf"') < compose_conf.index('http: "0.0.0.0:8222"')
+    # ... and only services that publish 8222 on the host's loopback load it.
+    compose = _compose()
+    users = [n for n, s in compose["services"].items() if COMPOSE_NATS_CONF in s.get("command", [])]
+    assert users == ["nats-1", "nats-2", "nats-3"]
+    for n in users:
+        monitor = [p for p in compose["services"][n]["ports"] if p.endswith(":8222")]
+        assert len(monitor) == 1 and monitor[0].startswith("127.0.0.1:"), (n, monitor)
 
 
 def test_prometheus_scrapes_the_real_services_and_ports() -> None:
@@ -232,11 +357,16 @@ def test_prometheus_scrapes_the_real_services_and_ports() -> None:
     config = yaml.safe_load((REPO / src).read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
     gw = compose["services"]["gateway"]
-    gw_args = _parse(gw["command"], gw["environment"], "gateway")
+    _parse(gw["command"], gw["environment"], "gateway")  # a valid command line
     worker = compose["services"]["worker-sim"]
     w_args = _parse(worker["command"], worker["environment"], "worker-sim")
     assert w_args.metrics_port == 9100 and w_args.metrics_host == "0.0.0.0"
-    expected = {"llmfleet-gateway": ("gateway", gw_args.port),
+    # The gateway's metrics come from its private listener (no auth, not published).
+    listen = gw["environment"]["LLMFLEET_METRICS_LISTEN"]
+    metrics_port = int(listen.rpartition(":")[2])
+    assert listen.startswith("0.0.0.0:")
+    assert not [p for p in gw["ports"] if str(metrics_port) in p]
+    expected = {"llmfleet-gateway": ("gateway", metrics_port),
                 "llmfleet-worker": ("worker-sim", w_args.metrics_port)}  # fmt: skip
     for job, (service, port) in expected.items():
         (sd,) = jobs[job]["dns_sd_configs"]
@@ -256,6 +386,63 @@ def test_k8s_yaml_parses_and_kustomization_lists_real_files() -> None:
         assert (K8S / res).is_file(), res
     assert "worker-vllm.yaml" in docs  # the GPU example, outside the default resources
     assert [i["name"] for i in kust["images"]] == [IMAGE_REPO]
+
+
+def test_kustomization_applies_no_secret_and_no_example() -> None:
+    docs = _k8s_docs()
+    kust = docs["kustomization.yaml"][0]
+    assert "nats-secret.yaml" not in kust["resources"]
+    assert not (K8S / "nats-secret.yaml").exists()
+    assert not set(kust) & {"secretGenerator", "configMapGenerator"}
+    for res in kust["resources"]:
+        assert ".example." not in res, res
+        assert all(d.get("kind") != "Secret" for d in docs[res]), res
+    examples = sorted(n for n in docs if ".example." in n)
+    assert examples == ["nats-networkpolicy.example.yaml", "nats-secret.example.yaml"]
+
+
+def test_k8s_secret_is_created_out_of_band_with_the_keys_the_pods_read() -> None:
+    """Every secretKeyRef of the llmfleet pods names `llmfleet-nats` and a key that the
+    documented `kubectl create secret` command creates; the example holds no password."""
+    (example,) = _k8s_docs()["nats-secret.example.yaml"]
+    assert example["metadata"]["name"] == "llmfleet-nats"
+    refs = set()
+    for dep in _k8s("Deployment"):
+        for c in _llmfleet_containers(dep):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref and not ref.get("optional"):
+                    refs.add((ref["name"], ref["key"]))
+    assert refs == {("llmfleet-nats", "gateway-password"), ("llmfleet-nats", "worker-password")}
+    assert {k for _, k in refs} <= set(example["stringData"])
+    for value in example["stringData"].values():
+        assert value.startswith("REPLACE-WITH-"), value
+    docs = [(K8S / "nats-secret.example.yaml").read_text(), (REPO / "deploy/README.md").read_text()]
+    for text in docs:
+        create = re.search(
+            r"create secret generic llmfleet-nats(.*?)(?:\n\n|\n```|\n#\n)", text, re.S
+        )
+        assert create, "the kubectl command is documented"
+        keys = set(re.findall(r"--from-literal=([a-z-]+)=", create.group(1)))
+        assert keys == set(example["stringData"]), keys
+    # The NATS servers' Secret: its keys are the variables accounts.conf reads.
+    values = (K8S / "nats-values.yaml").read_text()
+    assert "create secret generic nats-llmfleet-passwords --from-env-file=.env" in values
+
+
+def test_nats_network_policy_example_covers_the_hub_ports() -> None:
+    (policy,) = _k8s_docs()["nats-networkpolicy.example.yaml"]
+    assert policy["kind"] == "NetworkPolicy" and policy["metadata"]["namespace"] == "nats"
+    rules = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
+    cfg = _nats_values()["config"]
+    assert set(rules) == {4222, 6222, cfg["leafnodes"]["port"], cfg["monitor"]["port"]}
+    # Monitoring has no authentication: only KEDA's namespace, never everyone.
+    (monitor_from,) = rules[cfg["monitor"]["port"]]["from"]
+    assert monitor_from == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}
+    }
+    assert "from" in rules[4222] and "from" in rules[6222]
+    assert "from" not in rules[cfg["leafnodes"]["port"]]  # GPU hosts from anywhere (TLS)
 
 
 def test_image_is_the_same_in_compose_and_k8s() -> None:
@@ -280,6 +467,7 @@ def _nats_values() -> dict[str, Any]:
 
 
 def test_k8s_llmfleet_pods_use_real_flags_nats_urls_and_secrets() -> None:
+    # The shape of the Secret created out of band (nats-secret.example.yaml)
     secret = next(s for s in _k8s("Secret") if s["metadata"]["name"] == "llmfleet-nats")
     values = _nats_values()
     replicas = values["config"]["cluster"]["replicas"]
@@ -325,7 +513,10 @@ def test_k8s_gateway_ports_probes_and_service_agree() -> None:
         assert _container_port(c, c[probe]["httpGet"]["port"]) == args.port
     ann = dep["spec"]["template"]["metadata"]["annotations"]
     assert ann["prometheus.io/scrape"] == "true"
-    assert int(ann["prometheus.io/port"]) == args.port
+    # scraped on the metrics listener, a pod port the Service does not expose
+    listen = {e["name"]: e.get("value") for e in c["env"]}["LLMFLEET_METRICS_LISTEN"]
+    assert int(ann["prometheus.io/port"]) == int(listen.rpartition(":")[2])
+    assert _container_port(c, "metrics") == int(ann["prometheus.io/port"])
     assert ann["prometheus.io/path"] == "/metrics"
     spec = dep["spec"]["template"]["spec"]
     assert 30 < spec["terminationGracePeriodSeconds"] <= 60

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -23,10 +25,24 @@ import nats
 import nats.errors
 import openai
 import pytest
+import yaml
 from nats.aio.client import Client
 
 from common import names
-from tests.deploy.natsconf import NATS_DIR, UNCHANGED, Hub, Leaf, start_with_retries, violations
+from common.natsconn import flush
+from llmfleet.broker import free_port
+from tests.deploy.natsconf import (
+    NATS_DIR,
+    REPO,
+    UNCHANGED,
+    Hub,
+    HubNode,
+    Leaf,
+    hub_layout,
+    rewrite_file,
+    start_with_retries,
+    violations,
+)
 from tests.natshelp import publish_request, request_headers
 from tests.procs import Fleet, Gateway, Proc
 
@@ -152,6 +168,40 @@ def test_three_node_cluster_forms_with_the_deployed_settings(hub: Hub) -> None:
             assert (node.conf.parent / f).read_bytes() == (NATS_DIR / f).read_bytes()
 
 
+def test_compose_command_line_names_the_node_and_opens_monitoring(tmp_path: Path) -> None:
+    """nats-1's command from docker-compose.yml, on compose.conf: the node's name comes
+    from `--name`, and compose.conf's `http` replaces hub.conf's loopback one."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    command = [str(a) for a in compose["services"]["nats-1"]["command"]]
+    assert command[:2] == ["--config", "/etc/nats/compose.conf"]
+    hub_http: list[int] = []  # hub.conf's own monitoring port, per attempt
+
+    def make(_: int) -> HubNode:
+        d = tmp_path / f"etc-nats-{len(hub_http)}"  # stands for /etc/nats
+        d.mkdir()
+        for f in ("compose.conf", "hub.conf", *UNCHANGED):
+            shutil.copyfile(NATS_DIR / f, d / f)
+        client, hub_port, http, route, leaf = (free_port() for _ in range(5))
+        hub_http.append(hub_port)
+        rewrite_file(d / "hub.conf", hub_layout(d, client, hub_port, route, leaf, [route] * 3))
+        # compose.conf's own line: from every interface of a container to this loopback
+        rewrite_file(d / "compose.conf", [('http: "0.0.0.0:8222"', f'http: "127.0.0.1:{http}"')])
+        node = HubNode("nats-1", d / "compose.conf", client, http, leaf)
+        node.args = [a.replace("/etc/nats/", f"{d}/") for a in command]
+        return node
+
+    node = start_with_retries(make)
+    assert isinstance(node, HubNode)
+    try:
+        varz = node.monitor("/varz")
+        assert varz["server_name"] == "nats-1"
+        assert (varz["http_host"], varz["http_port"]) == ("127.0.0.1", node.http_port)
+        with pytest.raises(OSError):  # hub.conf's address is not served: compose.conf won
+            socket.create_connection(("127.0.0.1", hub_http[-1]), timeout=1).close()
+    finally:
+        node.stop()
+
+
 async def test_request_stream_is_replicated_on_three_nodes(roles: Roles, hub: Hub) -> None:
     nc, errors = await _connect(
         hub.url("admin"), "admin-check", inbox_prefix=names.ADMIN_INBOX_PREFIX
@@ -193,8 +243,8 @@ async def test_chat_through_gateway_and_worker_with_role_credentials(
 
 
 async def test_body_over_max_payload_goes_through_the_object_store(roles: Roles, hub: Hub) -> None:
-    # 9 MB > max_payload (8 MB): the gateway puts it in LLMFLEET_BODIES, the worker reads
-    # it with an ordered consumer and deletes it: object-store rights of both roles.
+    # 9 MB > max_payload (8 MB): the gateway puts it in LLMFLEET_BODIES_gateway, the worker reads
+    # it with an ordered consumer, the gateway deletes it: object-store rights of both roles.
     big = "x " * (9 * MB // 2)
     async with httpx.AsyncClient(timeout=60) as http:
         r = await http.post(
@@ -233,7 +283,9 @@ async def test_worker_behind_a_leaf_node_serves_requests_from_the_hub(
     nc, _ = await _connect(leaf.url, "leaf-denial")
     try:
         with pytest.raises((nats.errors.Error, TimeoutError)):
-            await nc.jetstream(timeout=1).publish(names.request_subject("leaf-model"), b"{}")
+            await nc.jetstream(timeout=1).publish(
+                names.request_subject("leaf-model", "leaf"), b"{}"
+            )
     finally:
         await nc.close()
     assert not [v for v in violations(hub.log()) if "lid:" in v and "llmfleet.req" not in v]
@@ -241,10 +293,10 @@ async def test_worker_behind_a_leaf_node_serves_requests_from_the_hub(
 
 async def test_batch_producer_publishes_and_reads_its_own_prefix(roles: Roles, hub: Hub) -> None:
     nc, errors = await _connect(
-        hub.url("batch-etl"), "batch-etl-ok", inbox_prefix="_LLMFLEET.batch.etl"
+        hub.url("batch-etl"), "batch-etl-ok", inbox_prefix="_LLMFLEET.r.batch-etl"
     )
     try:
-        reply = "_LLMFLEET.batch.etl.job1.r1"
+        reply = "_LLMFLEET.r.batch-etl.job1.r1"
         sub = await nc.subscribe(reply)
         await nc.flush()
         body = json.dumps(
@@ -254,19 +306,18 @@ async def test_batch_producer_publishes_and_reads_its_own_prefix(roles: Roles, h
                 "max_tokens": 4,
             }
         ).encode()
-        seq = await publish_request(nc.jetstream(), "sim-model", body, request_headers(reply))
+        seq = await publish_request(
+            nc.jetstream(), "sim-model", body, request_headers(reply), producer="batch-etl"
+        )
         assert seq > 0
         kinds = []
         while not kinds or kinds[-1] not in ("done", "error"):
             kinds.append(json.loads((await sub.next_msg(timeout=10)).data)["type"])
         assert kinds[0] == "accepted" and kinds[-1] == "done"
         assert kinds.count("delta") >= 1
-        # It may ping a worker (answered on its own inbox, under allow_responses for a
-        # hub worker and the leaf's explicit _LLMFLEET.batch.> right) and send cancels.
-        for worker in ("hub-w", "leaf-w"):
-            pong = await nc.request(names.control_subject(worker), b'{"type":"ping"}', timeout=2)
-            assert json.loads(pong.data)["type"] == "pong"
-        await nc.publish(names.control_subject("hub-w"), b'{"type":"cancel","request_id":"x"}')
+        # It may cancel its own requests (it may not ping workers: see the denials).
+        cancel = names.cancel_subject("hub-w", "batch-etl")
+        await nc.publish(cancel, b'{"type":"cancel","request_id":"x"}')
         await nc.flush()
     finally:
         await nc.close()
@@ -279,38 +330,60 @@ async def test_batch_producer_publishes_and_reads_its_own_prefix(roles: Roles, h
 
 async def test_batch_producer_denials(roles: Roles, hub: Hub) -> None:
     etl, errors = await _connect(
-        hub.url("batch-etl"), "etl-denied", inbox_prefix="_LLMFLEET.batch.etl"
+        hub.url("batch-etl"), "etl-denied", inbox_prefix="_LLMFLEET.r.batch-etl"
     )
     evals, evals_errors = await _connect(
-        hub.url("batch-evals"), "evals", inbox_prefix="_LLMFLEET.batch.evals"
+        hub.url("batch-evals"), "evals", inbox_prefix="_LLMFLEET.r.batch-evals"
     )
     gw_nc, _ = await _connect(hub.url("gateway"), "gw-control")
     worker_nc, _ = await _connect(hub.url("worker"), "worker-control")
     try:
-        spy_gw = await etl.subscribe("_LLMFLEET.gw.>")
-        spy_evals = await etl.subscribe("_LLMFLEET.batch.evals.>")
+        spy_gw = await etl.subscribe("_LLMFLEET.r.gateway.>")
+        spy_evals = await etl.subscribe("_LLMFLEET.r.batch-evals.>")
         spy_inbox = await etl.subscribe("_INBOX.>")
         spy_admin = await etl.subscribe("_LLMFLEET.admin.>")
         await etl.publish(names.service_subject("hub-w", "drain"), b"")
         await etl.publish("llmfleet.hb.fake", b"{}")
+        # Nothing every worker or gateway answers: no ping, no discover.
+        await etl.publish(names.control_subject("hub-w"), b'{"type":"ping"}')
+        await etl.publish(names.DISCOVER_SUBJECT, b"")
+        # No stream of its own (a stream's config could capture anyone's subjects).
+        await etl.publish("$JS.API.STREAM.CREATE.OBJ_LLMFLEET_BODIES_batch-etl", b"{}")
+        # Nobody else's name: not the gateway's requests, cancels or bodies.
+        await etl.publish(names.request_subject("sim-model", "gateway"), b"{}")
+        await etl.publish(names.cancel_subject("hub-w", "gateway"), b"{}")
+        await etl.publish("$O.LLMFLEET_BODIES_gateway.M.x", b"{}")
+        # No ack, delete or consumer rights on the queue.
+        await etl.publish("$JS.ACK.LLMFLEET_REQUESTS.llmfleet-sim-model.1.1.1.1.0", b"-NAK")
+        await etl.publish("$JS.API.STREAM.MSG.DELETE.LLMFLEET_REQUESTS", b"{}")
+        await etl.publish("$JS.API.CONSUMER.CREATE.LLMFLEET_REQUESTS.x", b"{}")
         await etl.flush()
         await _expect_errors(
             errors,
-            'subscription to "_llmfleet.gw.>"',
-            'subscription to "_llmfleet.batch.evals.>"',
+            'subscription to "_llmfleet.r.gateway.>"',
+            'subscription to "_llmfleet.r.batch-evals.>"',
             'subscription to "_inbox.>"',
             'subscription to "_llmfleet.admin.>"',
             'publish to "llmfleet.ctl.hub-w.drain"',
             'publish to "llmfleet.hb.fake"',
+            'publish to "llmfleet.ctl.hub-w"',
+            'publish to "llmfleet.discover"',
+            'publish to "$js.api.stream.create.obj_llmfleet_bodies_batch-etl"',
+            'publish to "llmfleet.req.sim-model.gateway"',
+            'publish to "llmfleet.cancel.hub-w.gateway"',
+            'publish to "$o.llmfleet_bodies_gateway.m.x"',
+            'publish to "$js.ack.llmfleet_requests.llmfleet-sim-model.1.1.1.1.0"',
+            'publish to "$js.api.stream.msg.delete.llmfleet_requests"',
+            'publish to "$js.api.consumer.create.llmfleet_requests.x"',
         )
         # Control: the legitimate readers of those prefixes get what a worker publishes
         # there; the producer's denied subscriptions get nothing.
-        gw_sub = await gw_nc.subscribe("_LLMFLEET.gw.probe.1")
-        evals_sub = await evals.subscribe("_LLMFLEET.batch.evals.probe.1")
-        await gw_nc.flush()
-        await evals.flush()
-        await worker_nc.publish("_LLMFLEET.gw.probe.1", b"to-gateway")
-        await worker_nc.publish("_LLMFLEET.batch.evals.probe.1", b"to-evals")
+        gw_sub = await gw_nc.subscribe("_LLMFLEET.r.gateway.probe.1")
+        evals_sub = await evals.subscribe("_LLMFLEET.r.batch-evals.probe.1")
+        await flush(gw_nc)  # nats-py's own flush can overtake the SUB (docs: NATS notes)
+        await flush(evals)
+        await worker_nc.publish("_LLMFLEET.r.gateway.probe.1", b"to-gateway")
+        await worker_nc.publish("_LLMFLEET.r.batch-evals.probe.1", b"to-evals")
         await worker_nc.flush()
         assert (await gw_sub.next_msg(timeout=2)).data == b"to-gateway"
         assert (await evals_sub.next_msg(timeout=2)).data == b"to-evals"
@@ -336,32 +409,34 @@ async def test_worker_and_gateway_denials(roles: Roles, hub: Hub) -> None:
         hub.url("gateway"), "gateway-denied", inbox_prefix=names.gateway_inbox_prefix("g-denied")
     )
     try:
-        await w.publish("llmfleet.req.sim-model", b"{}")
+        await w.publish("llmfleet.req.sim-model.gateway", b"{}")
         await w.subscribe("llmfleet.req.>")
-        await w.subscribe("_LLMFLEET.gw.>")
-        await w.subscribe("_LLMFLEET.batch.>")
+        await w.subscribe("_LLMFLEET.r.gateway.>")
+        await w.subscribe("_LLMFLEET.r.>")
         await w.subscribe("_INBOX.>")  # nobody's answers: each role has its own prefix
         await w.subscribe("_LLMFLEET.admin.>")
         await w.flush()
         await _expect_errors(
             w_errors,
-            'publish to "llmfleet.req.sim-model"',
+            'publish to "llmfleet.req.sim-model.gateway"',
             'subscription to "llmfleet.req.>"',
-            'subscription to "_llmfleet.gw.>"',
-            'subscription to "_llmfleet.batch.>"',
+            'subscription to "_llmfleet.r.gateway.>"',
+            'subscription to "_llmfleet.r.>"',
             'subscription to "_inbox.>"',
             'subscription to "_llmfleet.admin.>"',
         )
         await g.publish("llmfleet.hb.fake", b"{}")
         await g.publish(names.service_subject("hub-w", "drain"), b"")
-        await g.subscribe("_LLMFLEET.batch.>")
+        await g.subscribe("_LLMFLEET.r.batch-etl.>")
+        await g.publish(names.request_subject("sim-model", "batch-etl"), b"{}")
         await g.subscribe("_INBOX.>")
         await g.flush()
         await _expect_errors(
             g_errors,
             'publish to "llmfleet.hb.fake"',
             'publish to "llmfleet.ctl.hub-w.drain"',
-            'subscription to "_llmfleet.batch.>"',
+            'subscription to "_llmfleet.r.batch-etl.>"',
+            'publish to "llmfleet.req.sim-model.batch-etl"',
             'subscription to "_inbox.>"',
         )
     finally:
@@ -396,9 +471,9 @@ async def test_admin_reads_queues_and_services(roles: Roles, hub: Hub) -> None:
                 seen.append(json.loads((await sub.next_msg(timeout=1)).data))
         assert sorted(s["metadata"]["worker"] for s in seen) == ["hub-w", "leaf-w"]
         # The operator cannot queue requests.
-        await nc.publish("llmfleet.req.sim-model", b"{}")
+        await nc.publish("llmfleet.req.sim-model.admin", b"{}")
         await nc.flush()
-        await _expect_errors(errors, 'publish to "llmfleet.req.sim-model"')
+        await _expect_errors(errors, 'publish to "llmfleet.req.sim-model.admin"')
     finally:
         await nc.close()
 
@@ -436,7 +511,7 @@ def test_documented_producer_example_runs_as_a_batch_producer(roles: Roles, hub:
     """docs/examples/produce.py, logged in as `batch-etl`: no permission it lacks."""
     example = Path(__file__).parents[2] / "docs" / "examples" / "produce.py"
     r = subprocess.run(
-        [sys.executable, str(example), "--nats", hub.url("batch-etl"), "--name", "etl", "hi"],
+        [sys.executable, str(example), "--nats", hub.url("batch-etl"), "--name", "batch-etl", "hi"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -445,4 +520,4 @@ def test_documented_producer_example_runs_as_a_batch_producer(roles: Roles, hub:
     assert r.returncode == 0, r.stdout + r.stderr
     kinds = [json.loads(line)["type"] for line in r.stdout.splitlines() if line.startswith("{")]
     assert kinds[0] == "accepted" and kinds[-1] == "done", r.stdout
-    assert _role_violations(hub, "produce-etl") == []
+    assert _role_violations(hub, "produce-batch-etl") == []

@@ -14,7 +14,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from tests.natshelp import connected, publish_request, request_headers
+from tests.natshelp import connected, publish_request, reply_subject, request_headers
 from tests.procs import Fleet, Gateway
 
 SIM = "sim-model"
@@ -123,7 +123,7 @@ async def test_a_nats_producer_may_omit_the_model_and_score_a_prompt(
     """Producers publish straight to a model's subject: the subject names the model, so a
     body without one is served; `echo` + `max_tokens: 0` scores the prompt there too."""
     async with connected(fleet.nats_url) as nc:
-        reply = "_INBOX.compat-producer"
+        reply = reply_subject("compat-producer")
         sub = await nc.subscribe(reply)
         await nc.flush()
         body = {"prompt": "one two three", "max_tokens": 0, "echo": True, "logprobs": 0}

@@ -11,13 +11,20 @@ import openai
 import pytest
 
 from common import protocol as p
-from tests.natshelp import connected, publish_request, request_headers, watch_announcements
+from tests.natshelp import (
+    connected,
+    publish_request,
+    reply_subject,
+    request_headers,
+    watch_announcements,
+)
 from tests.procs import Fleet, Gateway
 
 SLOW = "slow-model"  # max-concurrency 2, ~150 ms per request
 BUSY = "busy-model"  # max-concurrency 1, long first token
 LONG = "long-model"  # long streams, to disconnect from
 QUICK = "quick-model"
+LATE = "late-model"  # its worker starts during a test
 
 BODY = json.dumps({"model": SLOW, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -55,10 +62,10 @@ async def test_saturated_worker_never_runs_a_third_request_and_serves_fifo(
             if sum(1 for _, t in events if t in ("done", "error")) == 20:
                 done.set()
 
-        await nc.subscribe("test.fifo.*", cb=on_reply)
+        await nc.subscribe(reply_subject("fifo.*"), cb=on_reply)
         js = nc.jetstream()
         for i in range(20):  # sequential publishes: stream order = i
-            await publish_request(js, SLOW, BODY, request_headers(f"test.fifo.{i}"))
+            await publish_request(js, SLOW, BODY, request_headers(reply_subject(f"fifo.{i}")))
         async with asyncio.timeout(30):
             await done.wait()
         await ann.wait_for(lambda a: any(m.in_flight == 0 for _, m in a.model(SLOW)))
@@ -188,9 +195,11 @@ async def test_producer_gets_accepted_deltas_done(gw: Gateway, fleet: Fleet) -> 
     ).encode()
     async with connected(fleet.nats_url) as nc:
         js = nc.jetstream()
-        waiting = asyncio.create_task(_collect(nc, "test.prod.1"))
+        waiting = asyncio.create_task(_collect(nc, reply_subject("prod.1")))
         await asyncio.sleep(0.05)
-        await publish_request(js, QUICK, body, request_headers("test.prod.1", request_id="r-1"))
+        await publish_request(
+            js, QUICK, body, request_headers(reply_subject("prod.1"), request_id="r-1")
+        )
         replies = await waiting
     assert isinstance(replies[0], p.Accepted)
     assert replies[0].request_id == "r-1" and replies[0].model == QUICK
@@ -207,32 +216,39 @@ async def test_producer_expired_and_malformed_requests(gw: Gateway, fleet: Fleet
     ).encode()
     async with connected(fleet.nats_url) as nc:
         js = nc.jetstream()
-        # start-by in the past: dropped without running, a lone 504 error
-        waiting = asyncio.create_task(_collect(nc, "test.prod.expired"))
+        # waited in the queue past its queue timeout (no worker for it yet; the worker that
+        # starts later measures the wait on the broker's clock): a lone 504, never run
+        waiting = asyncio.create_task(_collect(nc, reply_subject("prod.expired")))
         await asyncio.sleep(0.05)
-        h = request_headers("test.prod.expired", **{p.H_START_BY: str(p.now_ms() - 1000)})
-        await publish_request(js, QUICK, good, h)
+        h = request_headers(reply_subject("prod.expired"), **{p.H_QUEUE_TIMEOUT: "300"})
+        await publish_request(js, LATE, good, h)
+        await asyncio.sleep(0.8)
+        fleet.worker("--model", LATE, "--sim-ttft-ms", "1", "--sim-itl-ms", "1")
         (only,) = await waiting
         assert isinstance(only, p.Error) and only.seq == 0 and only.status == 504
 
         # an unknown operation: a lone 400 error
-        waiting = asyncio.create_task(_collect(nc, "test.prod.badop"))
+        waiting = asyncio.create_task(_collect(nc, reply_subject("prod.badop")))
         await asyncio.sleep(0.05)
-        await publish_request(js, QUICK, good, request_headers("test.prod.badop", op="dance"))
+        await publish_request(
+            js, QUICK, good, request_headers(reply_subject("prod.badop"), op="dance")
+        )
         (only,) = await waiting
         assert isinstance(only, p.Error) and only.status == 400
 
         # a body that is not a chat request: accepted, then a 400 naming the field
-        waiting = asyncio.create_task(_collect(nc, "test.prod.badbody"))
+        waiting = asyncio.create_task(_collect(nc, reply_subject("prod.badbody")))
         await asyncio.sleep(0.05)
-        await publish_request(js, QUICK, b'{"model": "x"}', request_headers("test.prod.badbody"))
+        await publish_request(
+            js, QUICK, b'{"model": "x"}', request_headers(reply_subject("prod.badbody"))
+        )
         replies = await waiting
         assert isinstance(replies[-1], p.Error)
         assert replies[-1].status == 400 and replies[-1].error.param == "messages"
 
         # no reply subject at all: dropped; the worker keeps serving
         await publish_request(js, QUICK, good, {p.H_OP: "chat"})
-        waiting = asyncio.create_task(_collect(nc, "test.prod.after"))
+        waiting = asyncio.create_task(_collect(nc, reply_subject("prod.after")))
         await asyncio.sleep(0.05)
-        await publish_request(js, QUICK, good, request_headers("test.prod.after"))
+        await publish_request(js, QUICK, good, request_headers(reply_subject("prod.after")))
         assert isinstance((await waiting)[-1], p.Done)

@@ -23,7 +23,7 @@ from common.telemetry import Telemetry
 from gateway.server import Gateway as GatewayService
 from gateway.settings import GatewaySettings
 from llmfleet.broker import free_port
-from tests.natshelp import connected, publish_request, request_headers
+from tests.natshelp import connected, publish_request, reply_subject, request_headers
 from tests.procs import Fleet, Gateway, Proc
 from tests.upstream_server import RunningServer, ServerSettings
 from worker.engines.openai import OpenAIEngine
@@ -43,7 +43,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def scrape(url: str) -> Samples:
-    r = httpx.get(url, timeout=5.0)
+    r = httpx.get(url, timeout=5.0, headers={"authorization": f"Bearer {KEY}"})
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain")
     out: Samples = {}
@@ -114,7 +114,7 @@ def test_gateway_and_worker_metrics_count_what_was_served(obs: tuple[Gateway, in
         r = c.post("/chat/completions", json=chat("no-such-model-xyz"))
         assert r.status_code == 404
 
-    # No API key needed for /metrics (like /healthz), though /v1 requires one.
+    # With --api-key, /metrics needs it too (or --metrics-token, or --metrics-listen).
     g = scrape(gw.url + "/metrics")
     ok = {"gen_ai_request_model": OBS, "http_response_status_code": "200"}
     assert value(g, "llmfleet_gateway_requests_total", gen_ai_operation_name="chat", **ok) == 5
@@ -222,7 +222,7 @@ def test_queue_gauges_cover_models_no_worker_serves(fleet: Fleet, nats_url: str)
             js = nc.jetstream()
             body = json.dumps(chat(orphan)).encode()
             for _ in range(2):
-                await publish_request(js, orphan, body, request_headers("_INBOX.nobody"))
+                await publish_request(js, orphan, body, request_headers(reply_subject("nobody")))
 
     asyncio.run(publish())
     eventually(

@@ -23,7 +23,7 @@ from common import names
 from common import protocol as p
 from llmfleet import status as statuscli
 from llmfleet.fleetview import FleetView
-from tests.natshelp import connected, publish_request, request_headers
+from tests.natshelp import connected, publish_request, reply_subject, request_headers
 from tests.procs import Fleet, Gateway
 
 
@@ -136,7 +136,9 @@ async def test_status_json_counts_workers_slots_requests_and_queues(
         js = nc.jetstream()
         body = json.dumps({"model": "orphan/m:1", "messages": [{"role": "user", "content": "x"}]})
         for _ in range(5):
-            await publish_request(js, "orphan/m:1", body.encode(), request_headers("_INBOX.none"))
+            await publish_request(
+                js, "orphan/m:1", body.encode(), request_headers(reply_subject("none"))
+            )
     await asyncio.sleep(0.2)
     orphan = _models(await _view(nats_url))["orphan/m:1"]
     assert (orphan["status"], orphan["workers"], orphan["queued"]) == ("unavailable", 0, 5)
@@ -173,9 +175,10 @@ def test_status_tables_and_watch_from_the_cli(gw: Gateway, nats_url: str) -> Non
 
 
 def test_status_reports_an_unreachable_broker() -> None:
-    r = _cli("status", "--nats", "nats://127.0.0.1:1", timeout=30)
+    r = _cli("status", "--nats", "nats://admin:hunter2@127.0.0.1:1", timeout=30)
     assert r.returncode == 1
-    assert "cannot reach the NATS server" in r.stderr
+    assert "cannot reach the NATS server at nats://127.0.0.1:1" in r.stderr
+    assert "hunter2" not in r.stderr  # the password never reaches the terminal
     assert "Traceback" not in r.stderr
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.bodies import BUCKET
+from common import names
 from llmfleet.broker import EmbeddedNats
 from tests.procs import Fleet, Gateway
 
@@ -50,7 +51,7 @@ def _chat(content: str, **extra: object) -> dict[str, object]:
 async def _bucket_objects(url: str) -> int:
     nc = await nats.connect(url)
     try:
-        obs = await nc.jetstream().object_store(BUCKET)
+        obs = await nc.jetstream().object_store(names.body_bucket(names.GATEWAY_PRODUCER))
         try:
             return len(await obs.list(ignore_deletes=True))
         except Exception:  # nats-py raises when the bucket is empty
@@ -64,7 +65,10 @@ def test_bodies_over_max_payload_go_by_reference(gw: Gateway, small_broker: Embe
     r = httpx.post(gw.base_url + "/chat/completions", json=_chat(big), timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == 40_000  # the worker read the whole body
-    assert asyncio.run(_bucket_objects(small_broker.url)) == 0  # read once, then deleted
+    deadline = time.monotonic() + 5.0  # the gateway deletes it once the request ended
+    while asyncio.run(_bucket_objects(small_broker.url)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert asyncio.run(_bucket_objects(small_broker.url)) == 0
 
 
 def test_body_over_the_limit_is_413_and_the_broker_connection_survives(gw: Gateway) -> None:

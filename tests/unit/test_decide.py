@@ -3,6 +3,7 @@ from __future__ import annotations
 from common.protocol import ChoiceDelta
 from worker.decide import (
     Admission,
+    ClockOffset,
     RunnerState,
     admit,
     coalesce,
@@ -25,7 +26,7 @@ def test_pull_batch_never_overcommits() -> None:
 
 
 def test_admit() -> None:
-    kw = {"running": 0, "max_concurrency": 2, "start_by_ms": None, "now_ms": 1000}
+    kw = {"running": 0, "max_concurrency": 2, "queue_timeout_ms": None, "queued_ms": 5.0}
     assert admit(state=READY, **kw) is Admission.RUN  # type: ignore[arg-type]
     assert (
         admit(state=RunnerState.DRAINING, **kw)  # type: ignore[arg-type]
@@ -33,12 +34,37 @@ def test_admit() -> None:
     )
     full = {**kw, "running": 2}
     assert admit(state=READY, **full) is Admission.NAK  # type: ignore[arg-type]
-    late = {**kw, "start_by_ms": 999}
+    late = {**kw, "queue_timeout_ms": 4}
     assert admit(state=READY, **late) is Admission.EXPIRED  # type: ignore[arg-type]
     poison = {**kw, "delivered": 11}
     assert admit(state=READY, **poison) is Admission.POISON  # type: ignore[arg-type]
-    on_time = {**kw, "start_by_ms": 1000}
+    on_time = {**kw, "queue_timeout_ms": 5}
     assert admit(state=READY, **on_time) is Admission.RUN  # type: ignore[arg-type]
+
+
+def test_clock_offset_never_overstates_the_wait() -> None:
+    """A worker whose clock runs 2 minutes ahead of the broker's: the first delivery (taken
+    at once by a waiting pull) teaches it the offset, and later waits are measured right."""
+    ahead = 120 * 10**9
+    clock = ClockOffset()
+    assert clock.queued_ms(10**18 + ahead, 10**18) == 0.0  # nothing learned yet: no guess
+    clock.observe(0.0, 10**18 + ahead + 10**6, 10**18)  # delivered 1 ms after it was stored
+    assert clock.queued_ms(10**18 + ahead + 10**6, 10**18) == 0.0
+    # stored at t=5 s, delivered at t=8 s: waited 3 s (2 minutes of skew do not count)
+    stored, got = 10**18 + 5 * 10**9, 10**18 + 8 * 10**9 + ahead + 10**6
+    clock.observe(1.0, got, stored)
+    assert abs(clock.queued_ms(got, stored) - 3000.0) < 1e-6
+    # a clock behind the broker's (negative offset) works the same way
+    behind = ClockOffset()
+    behind.observe(0.0, 10**18 - ahead, 10**18)
+    assert behind.queued_ms(10**18 - ahead + 2 * 10**9, 10**18) == 2000.0
+
+
+def test_clock_offset_follows_a_stepped_clock() -> None:
+    clock = ClockOffset(bucket_s=60.0, buckets=2)
+    clock.observe(0.0, 1000 * 10**6, 0)  # offset 1 s
+    clock.observe(200.0, 5000 * 10**6, 0)  # stepped: offset 5 s, the old minimum aged out
+    assert clock.queued_ms(5500 * 10**6, 0) == 500.0
 
 
 def test_parse_ack_subject_v1_and_v2() -> None:

@@ -50,8 +50,39 @@ def test_unescape_rejects_foreign_text(bad: str) -> None:
 
 
 def test_subjects() -> None:
-    assert names.request_subject("qwen2.5:7b") == "llmfleet.req.qwen2=2E5=3A7b"
+    assert names.request_subject("qwen2.5:7b", "etl") == "llmfleet.req.qwen2=2E5=3A7b.etl"
+    assert names.model_filter("qwen2.5:7b") == "llmfleet.req.qwen2=2E5=3A7b.*"
+    assert names.parse_request_subject("llmfleet.req.qwen2=2E5=3A7b.etl") == ("qwen2.5:7b", "etl")
+    for bad in ("llmfleet.req.m", "llmfleet.req.m.a.b", "llmfleet.req.a.b=", "x.req.m.p"):
+        with pytest.raises(ValueError):
+            names.parse_request_subject(bad)
     assert names.consumer_name("qwen2.5:7b") == "llmfleet-qwen2=2E5=3A7b"
     assert names.control_subject("w1") == "llmfleet.ctl.w1"
     with pytest.raises(ValueError, match="worker id"):
         names.check_worker_id("bad.id")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "x y",
+        "_LLMFLEET.r.etl.a b",
+        "$JS.API.STREAM.NAMES",
+        "_LLMFLEET.r.gateway.gw1.1",  # another producer's space
+        "_LLMFLEET.r.etl",
+        "_LLMFLEET.r.etl.",
+        "_LLMFLEET.r.etl.a..b",
+        "_LLMFLEET.r.etl.*",
+        "_LLMFLEET.r.etl.>",
+        "_LLMFLEET.r.etl.a\tb",
+        "_LLMFLEET.r.etl.é",
+        "_LLMFLEET.r.etl." + "a" * 300,
+    ],
+)
+def test_reply_subjects_outside_the_producers_space_are_refused(reply: str) -> None:
+    with pytest.raises(ValueError):
+        names.check_reply(reply, "etl")
+
+
+def test_a_reply_subject_in_the_producers_space_is_taken() -> None:
+    assert names.check_reply("_LLMFLEET.r.etl.job1.7", "etl") == "_LLMFLEET.r.etl.job1.7"

@@ -13,13 +13,14 @@ import pytest
 from common import names
 from common import protocol as p
 from common.fakebus import FakeBus, FakeMsg
-from tests.natshelp import request_headers
+from tests.natshelp import reply_subject, request_headers
 from worker.engines.sim import SimEngine
-from worker.runner import Drain, ModelRunner
+from worker.runner import Drain, ModelRunner, Tick
 from worker.settings import SimSettings
 
 SLOTS = 2
 NEXT = f"$JS.API.CONSUMER.MSG.NEXT.{names.REQUEST_STREAM}.{names.consumer_name('m')}"
+SUBJECT = names.request_subject("m", "test")
 BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
@@ -63,8 +64,8 @@ async def deliver(rig: Rig, rid: str) -> str:
     rig.n += 1
     pull = open_pulls(rig)[0]
     ack = f"$JS.ACK.{names.REQUEST_STREAM}.llmfleet-m.1.{rig.n}.{rig.n}.{p.now_ms() * 10**6}.0"
-    reply = f"_LLMFLEET.gw.g.{rid}"
-    await rig.bus.publish(pull.reply, BODY, ack, request_headers(reply, request_id=rid))
+    reply = reply_subject(rid)
+    await rig.bus.deliver(pull.reply, SUBJECT, BODY, ack, request_headers(reply, request_id=rid))
     await rig.bus.settle()
     return reply
 
@@ -127,7 +128,97 @@ async def test_a_full_runner_gives_a_surplus_delivery_straight_back(rig: Rig) ->
     await deliver(rig, "r2")
     # a third delivery (a late answer to a pull the runner forgot) finds no free slot
     ack = f"$JS.ACK.{names.REQUEST_STREAM}.llmfleet-m.1.9.9.{p.now_ms() * 10**6}.0"
-    await rig.bus.publish("_LLMFLEET.w.w.m.999", BODY, ack, request_headers("_x", request_id="r3"))
+    headers = request_headers(reply_subject("r3"), request_id="r3")
+    await rig.bus.deliver("_LLMFLEET.w.w.m.999", SUBJECT, BODY, ack, headers)
     await rig.bus.settle()
     assert [m.data for m in rig.bus.sent_to(ack)] == [b"-NAK"]
     assert rig.runner.stats().in_flight == SLOTS and rig.runner.stats().naks == 1
+
+
+async def deliver_raw(rig: Rig, headers: dict[str, str], subject: str = SUBJECT) -> str:
+    """Deliver a message with exactly these headers into the oldest open pull; returns its
+    ack subject."""
+    rig.n += 1
+    pull = open_pulls(rig)[0]
+    ack = f"$JS.ACK.{names.REQUEST_STREAM}.llmfleet-m.1.{rig.n}.{rig.n}.{p.now_ms() * 10**6}.0"
+    await rig.bus.deliver(pull.reply, subject, BODY, ack, headers)
+    await rig.bus.settle()
+    return ack
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ["x y", "$JS.API.STREAM.NAMES", "_LLMFLEET.r.gateway.gw1.1", "_LLMFLEET.r.test.a b", ""],
+)
+async def test_an_unanswerable_reply_subject_is_terminated_and_never_published(
+    rig: Rig, reply: str
+) -> None:
+    before = len(rig.bus.published)
+    ack = await deliver_raw(rig, request_headers(reply, request_id="bad"))
+    sent = [m for m in rig.bus.published[before:] if not m.subject.startswith("$JS.API.")]
+    assert [(m.subject, m.data) for m in sent if m.subject != SUBJECT] == [(ack, b"+TERM")]
+    assert rig.runner.stats().terminated == 1
+    # the runner is alive and serves the next request normally
+    good = await deliver(rig, "r1")
+    await until(lambda: any(b'"done"' in m.data for m in rig.bus.sent_to(good)))
+
+
+async def test_a_reused_request_id_never_exceeds_the_slots(rig: Rig) -> None:
+    for _ in range(SLOTS):
+        await deliver(rig, "same")
+    s = rig.runner.stats()
+    assert (s.in_flight, s.credits) == (SLOTS, 0)  # two jobs, one id: both counted
+    await until(lambda: rig.runner.stats().completed == SLOTS)
+    accepted = [json.loads(m.data) for m in rig.bus.sent_to(reply_subject("same"))]
+    deliveries = {m["delivery"] for m in accepted if m["type"] == "accepted"}
+    assert len(deliveries) == SLOTS  # each reply names its own delivery
+
+
+async def test_a_cancel_only_reaches_the_producers_own_job(rig: Rig) -> None:
+    reply = await deliver(rig, "r1")  # produced by "test"
+    rig.runner.cancel("other", "r1")  # another producer naming the same id: nothing
+    await rig.bus.settle()
+    assert rig.runner.stats().cancelled == 0
+    rig.runner.cancel("test", "r1", delivery="9.9")  # not this delivery: nothing
+    await rig.bus.settle()
+    assert rig.runner.stats().cancelled == 0
+    rig.runner.cancel("test", "r1")
+    await until(lambda: rig.runner.stats().cancelled == 1)
+    await until(lambda: any(b'"cancelled"' in m.data for m in rig.bus.sent_to(reply)))
+
+
+async def test_a_cancel_flood_never_drops_a_job_finished(rig: Rig) -> None:
+    await deliver(rig, "r1")
+    for _ in range(20_000):  # far more than the inbox takes
+        rig.runner.cancel("test", "r1", delivery="0.0")  # no such delivery: never queued
+        rig.runner.cancel("other", "r1")  # another producer's: never queued
+        rig.runner.post(Tick())  # droppable events do fill the inbox
+    await until(lambda: rig.runner.stats().in_flight == 0)
+    await until(lambda: rig.runner.stats().credits == SLOTS)  # the slot came back
+    s = rig.runner.stats()
+    assert s.refused_events > 0 and s.cancelled == 0  # the flood was refused, counted
+
+
+async def test_repeated_cancels_of_one_job_queue_once(rig: Rig) -> None:
+    await deliver(rig, "r1")
+    for _ in range(10_000):
+        rig.runner.cancel("test", "r1")
+    await until(lambda: rig.runner.stats().cancelled == 1)
+    assert rig.runner.stats().refused_events == 0  # coalesced, not refused
+
+
+async def test_a_job_that_raises_past_its_handling_ends_only_itself(rig: Rig) -> None:
+    real_publish = rig.bus.publish
+
+    async def publish(subject: str, payload: bytes = b"", reply: str = "", headers=None):  # type: ignore[no-untyped-def]
+        if subject == reply_subject("boom"):
+            raise RuntimeError("the bus refused this subject")
+        await real_publish(subject, payload, reply, headers)
+
+    rig.bus.publish = publish  # type: ignore[method-assign]
+    await deliver(rig, "boom")
+    await until(lambda: rig.runner.stats().job_errors == 1)
+    rig.bus.publish = real_publish  # type: ignore[method-assign]
+    await until(lambda: rig.runner.stats().credits == SLOTS)
+    good = await deliver(rig, "r2")
+    await until(lambda: any(b'"done"' in m.data for m in rig.bus.sent_to(good)))

@@ -40,7 +40,7 @@ async def rig() -> AsyncIterator[Rig]:
 
     async def on_orphan(acc: p.Accepted) -> None:
         assert d is not None
-        await d.send_cancel(acc.worker, acc.request_id)
+        await d.send_cancel(acc.worker, acc.request_id, acc.delivery)
 
     mux = ReplyMux(bus, "gw1", on_orphan, counters)
     await mux.start()
@@ -62,12 +62,28 @@ async def say(rig: Rig, reply: str, *msgs: msgspec.Struct) -> None:
     await rig.bus.settle()
 
 
+def delivery_of(worker: str) -> str:
+    """Each test worker gets its own delivery of the one request (stream seq 1)."""
+    return f"1.{worker[-1]}" if worker[-1].isdigit() else "1.9"
+
+
 def accepted(worker: str = "w1", seq: int = 0) -> p.Accepted:
-    return p.Accepted(seq=seq, worker=worker, model="m", request_id="rid1", ack_subject=ACK)
+    return p.Accepted(
+        seq=seq,
+        worker=worker,
+        model="m",
+        request_id="rid1",
+        ack_subject=ACK,
+        delivery=delivery_of(worker),
+    )
 
 
-def delta(seq: int, text: str = "hi") -> p.Delta:
-    return p.Delta(seq=seq, choices=[p.ChoiceDelta(0, text)])
+def delta(seq: int, text: str = "hi", worker: str = "w1") -> p.Delta:
+    return p.Delta(seq=seq, choices=[p.ChoiceDelta(0, text)], delivery=delivery_of(worker))
+
+
+def cancels_to(rig: Rig, worker: str) -> list[p.Control]:
+    return [p.decode_control(m.data) for m in rig.bus.sent_to(names.cancel_subject(worker, "*"))]
 
 
 async def answer_pings(rig: Rig, worker: str) -> None:
@@ -79,8 +95,9 @@ async def answer_pings(rig: Rig, worker: str) -> None:
 
 async def test_a_stream_reads_in_order_to_done(rig: Rig) -> None:
     sub, reply = await submit(rig)
-    await say(rig, reply, accepted(), delta(1), p.Heartbeat(last_seq=1), delta(2))
-    await say(rig, reply, p.Done(seq=3, usage=p.Usage(1, 2, 3)))
+    beat = p.Heartbeat(last_seq=1, delivery="1.1")
+    await say(rig, reply, accepted(), delta(1), beat, delta(2))
+    await say(rig, reply, p.Done(seq=3, usage=p.Usage(1, 2, 3), delivery="1.1"))
     assert (await sub.first()).worker == "w1"
     assert isinstance(await sub.next(), p.Delta) and isinstance(await sub.next(), p.Delta)
     done = await sub.next()
@@ -100,7 +117,7 @@ async def test_a_sequence_gap_is_a_stream_gap_error(rig: Rig) -> None:
 
 async def test_a_heartbeat_that_counts_more_messages_than_arrived_is_a_gap(rig: Rig) -> None:
     sub, reply = await submit(rig)
-    await say(rig, reply, accepted(), delta(1), p.Heartbeat(last_seq=2))
+    await say(rig, reply, accepted(), delta(1), p.Heartbeat(last_seq=2, delivery="1.1"))
     await sub.first()
     await sub.next()
     with pytest.raises(UpstreamError) as e:
@@ -110,7 +127,7 @@ async def test_a_heartbeat_that_counts_more_messages_than_arrived_is_a_gap(rig: 
 
 async def test_an_error_reply_keeps_its_status_and_code(rig: Rig) -> None:
     sub, reply = await submit(rig)
-    err = p.Error(seq=1, status=400, error=ErrorBody("bad", param="x", code="c"))
+    err = p.Error(seq=1, status=400, error=ErrorBody("bad", param="x", code="c"), delivery="1.1")
     await say(rig, reply, accepted(), err)
     await sub.first()
     with pytest.raises(FleetError) as e:
@@ -146,8 +163,7 @@ async def test_a_late_accepted_after_the_timeout_is_cancelled(rig: Rig) -> None:
     with pytest.raises(ServiceUnavailable):
         await sub.first()
     await say(rig, reply, accepted("late"))  # nobody reads this stream any more
-    cancels = rig.bus.sent_to(names.control_subject("late"))
-    assert [p.decode_control(m.data) for m in cancels] == [p.Cancel(request_id="rid1")]
+    assert cancels_to(rig, "late") == [p.Cancel(request_id="rid1", delivery="1.9")]
     assert rig.counters.orphans == 1
 
 
@@ -159,14 +175,31 @@ async def test_a_worker_lost_before_output_is_nakked_and_another_takes_over(rig:
     await answer_pings(rig, "w2")
 
     async def redeliver() -> None:
-        await say(rig, reply, accepted("w2", seq=0), delta(1, "from w2"))
+        # w1 comes back from its blip and goes on: its messages must not mix in
+        await say(rig, reply, delta(1, "from w1"), accepted("w2", seq=0))
+        await say(rig, reply, delta(1, "from w2", "w2"), delta(2, "w1 again"))
+        await say(rig, reply, p.Done(seq=2, usage=p.Usage(), delivery="1.2"))
 
     await rig.bus.subscribe(ACK, cb=lambda _m: redeliver())
     msg = await sub.next()
     assert isinstance(msg, p.Delta) and msg.choices[0].content == "from w2"
+    assert isinstance(await sub.next(), p.Done) and sub.terminal  # no stream_gap, no mix
     assert [m.data for m in rig.bus.sent_to(ACK)] == [b"-NAK"]
     assert sub.worker == "w2"
     assert (rig.counters.workers_lost, rig.counters.redelivered) == (1, 1)
+    # the lost worker is fenced: told to stop that delivery, its messages ignored
+    assert cancels_to(rig, "w1") == [p.Cancel(request_id="rid1", delivery="1.1")]
+    assert rig.counters.fenced == 2
+
+
+async def test_a_second_delivery_after_output_is_cancelled_not_mixed(rig: Rig) -> None:
+    sub, reply = await submit(rig)
+    await say(rig, reply, accepted("w1"), delta(1, "a"), accepted("w2"), delta(1, "x", "w2"))
+    await say(rig, reply, delta(2, "b"))
+    await sub.first()
+    assert (await sub.next()).choices[0].content == "a"  # type: ignore[union-attr]
+    assert (await sub.next()).choices[0].content == "b"  # type: ignore[union-attr]
+    assert cancels_to(rig, "w2") == [p.Cancel(request_id="rid1", delivery="1.2")]
 
 
 async def test_a_worker_lost_after_output_is_a_502(rig: Rig) -> None:
@@ -204,6 +237,5 @@ async def test_a_client_that_leaves_before_a_worker_withdraws_and_after_cancels(
     await say(rig, reply, accepted("w1"))
     await running.first()
     await rig.dispatcher.cancel(running)
-    sent = rig.bus.sent_to(names.control_subject("w1"))
-    assert [p.decode_control(m.data) for m in sent] == [p.Cancel(request_id="rid1")]
+    assert cancels_to(rig, "w1") == [p.Cancel(request_id="rid1", delivery="1.1")]
     assert rig.counters.cancels_sent == 1

@@ -40,7 +40,10 @@ class SentenceTransformerEngine:
     def card(self) -> ModelCard:
         return ModelCard(
             engine="sentence-transformers",
-            description=self.settings.model_path or "all-MiniLM-L6-v2 (packaged)",
+            # the model's name, never its path on the worker's disk
+            description=os.path.basename(self.settings.model_path.rstrip("/"))
+            if self.settings.model_path
+            else "all-MiniLM-L6-v2 (packaged)",
         )
 
     async def start(self) -> None:

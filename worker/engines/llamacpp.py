@@ -16,9 +16,10 @@ task makes the callback return True, which stops the sequence at its next token.
 The client's body is forwarded as is (only `model`, `stream` and `stream_options` are set),
 like the openai engine, so every parameter llama.cpp knows reaches it. Errors:
 
-    llama.cpp 4xx (a bad parameter)       -> EngineError with its status and message
+    llama.cpp 4xx (a bad parameter)       -> EngineError with its status and message (scrubbed)
     prompt longer than the context         -> 400 invalid_request_error context_length_exceeded
-    llama.cpp 5xx (e.g. unparsable output) -> UpstreamError 502
+    llama.cpp 5xx (e.g. unparsable output) -> UpstreamError 502 naming only the status (the
+                                              text, which may hold internals, is logged)
     `echo` (llama.cpp cannot score prompts) -> 400 naming `echo`
     the model fails to load or to run      -> EngineError at start (the worker exits non-zero)
 
@@ -51,6 +52,7 @@ from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
 from worker.engines.gguf import GGUFError, read_metadata
 from worker.engines.openai import UpChunk, chunk_output, up_usage
+from worker.engines.scrub import scrub
 from worker.settings import LlamaCppSettings
 
 log = logging.getLogger(__name__)
@@ -85,15 +87,17 @@ def chat_template(settings: LlamaCppSettings, meta: dict[str, Any]) -> tuple[str
 
 
 def engine_error(err: Any) -> EngineError | UpstreamError:
-    """llama.cpp's `{"error": {...}}` as the error the client should see."""
+    """llama.cpp's `{"error": {...}}` as the error the client should see: a 4xx keeps its
+    status and (scrubbed) message; anything else names only its status, and is logged."""
     if not isinstance(err, dict):
-        return UpstreamError(f"llama.cpp failed: {err}")
+        log.warning("llama.cpp failed: %.500r", err)
+        return UpstreamError("llama.cpp failed.")
     message = str(err.get("message") or "llama.cpp failed")
     code = err.get("code")
     status = code if isinstance(code, int) else 500
     if err.get("type") == "exceed_context_size_error":
         return EngineError(
-            message,
+            scrub(message),
             status=400,
             type="invalid_request_error",
             param="messages",
@@ -101,9 +105,10 @@ def engine_error(err: Any) -> EngineError | UpstreamError:
         )
     if 400 <= status < 500:
         return EngineError(
-            message, status=status, type=str(err.get("type") or "invalid_request_error")
+            scrub(message), status=status, type=str(err.get("type") or "invalid_request_error")
         )
-    return UpstreamError(f"llama.cpp failed: {message}")
+    log.warning("llama.cpp failed with HTTP %d: %.500s", status, message)
+    return UpstreamError(f"llama.cpp failed with HTTP {status}.")
 
 
 class LlamaCppEngine:
@@ -304,7 +309,8 @@ class _Bridge:
             try:
                 item = msgspec.convert(chunk, UpChunk)
             except msgspec.ValidationError as exc:
-                item = _Fail(UpstreamError(f"llama.cpp sent an unreadable chunk: {exc}"))
+                log.warning("llama.cpp sent an unreadable chunk: %s", exc)
+                item = _Fail(UpstreamError("llama.cpp sent an unreadable chunk."))
         self._put(item)
         return self._stop.is_set()
 
@@ -332,5 +338,6 @@ class _Bridge:
             if isinstance(item, _Fail):
                 if isinstance(item.exc, (EngineError, UpstreamError)):
                     raise item.exc
-                raise UpstreamError(f"llama.cpp failed: {item.exc}") from item.exc
+                log.warning("llama.cpp failed: %r", item.exc)
+                raise UpstreamError("llama.cpp failed.") from item.exc
             yield item

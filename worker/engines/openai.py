@@ -11,14 +11,19 @@ Ownership: `start()` creates one long-lived `httpx.AsyncClient` (a connection po
 `async with client.stream(...)`: cancelling the consuming task (or closing the generator)
 closes that response, which is how the upstream learns to abort the sequence.
 
-Errors (all `common.errors.FleetError`; httpx exceptions are translated in `_translate`):
+Errors (all `common.errors.FleetError`; httpx exceptions are translated in `_translate`).
+What reaches clients never names the upstream's URL or echoes its credentials; the URL
+and the upstream's own text (scrubbed of the key) go to the log:
 
-    upstream 4xx before the stream  -> EngineError with the upstream status/type/param/code
-    upstream 401/403                -> UpstreamError 502 (our credentials are wrong, not the
-                                       client's)
-    upstream 5xx before the stream  -> UpstreamError 502
-    connect failure, timeout, reset -> UpstreamError 502 naming the upstream URL
-    `{"error": ...}` inside the SSE  -> UpstreamError 502 with the upstream message
+    upstream 4xx before the stream  -> EngineError with the upstream status/type/param/code,
+                                       its message passed through `scrub` (worker/engines/
+                                       scrub.py: keys, tokens, URL userinfo removed)
+    upstream 401/403                -> UpstreamError 502, a fixed message (our credentials
+                                       are wrong, not the client's; the upstream's text
+                                       may name the key or the account)
+    upstream 5xx before the stream  -> UpstreamError 502 naming only the status
+    connect failure, timeout, reset -> UpstreamError 502, a fixed message
+    `{"error": ...}` inside the SSE  -> UpstreamError 502 with the upstream message, scrubbed
     unreadable upstream chunk       -> UpstreamError 502
 
 The upstream API key is sent only as `Authorization: Bearer` to the upstream and never
@@ -49,6 +54,7 @@ from common.protocol import ChoiceDelta, Usage
 from common.telemetry import UPSTREAM_TRACEPARENT
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
 from worker.engines.httppool import ShardedClient
+from worker.engines.scrub import scrub
 from worker.settings import OpenAISettings
 
 log = logging.getLogger(__name__)
@@ -220,8 +226,9 @@ def _as_code(code: str | int | None) -> str | None:
     return code if isinstance(code, str) else None
 
 
-def upstream_error(status: int, body: bytes, retry_after: float | None = None) -> FleetError:
-    """Map an upstream non-2xx response to the error the client should see."""
+def upstream_message(body: bytes) -> tuple[str, str | None, str | None, str | None]:
+    """(message, type, param, code) of an upstream error body, in any of the shapes above;
+    the message is a snippet of the body when it has none."""
     try:
         doc: _UpErrorDoc | None = _error_decoder.decode(body)
     except msgspec.MsgspecError:
@@ -236,30 +243,44 @@ def upstream_error(status: int, body: bytes, retry_after: float | None = None) -
         elif doc.message is not None:
             message, type_, param, code = doc.message, doc.type, doc.param, _as_code(doc.code)
     if not message:
-        snippet = body[:200].decode("utf-8", "replace").strip()
-        message = f"upstream returned HTTP {status}" + (f": {snippet}" if snippet else "")
+        message = body[:200].decode("utf-8", "replace").strip()
+    return message, type_, param, code
+
+
+def upstream_error(
+    status: int,
+    body: bytes,
+    retry_after: float | None = None,
+    secrets: tuple[str | None, ...] = (),
+) -> FleetError:
+    """Map an upstream non-2xx response to the error the client should see: a 4xx keeps
+    the upstream's status and fields, its text scrubbed of credentials (and of `secrets`:
+    the worker's key, the upstream URL); 401/403 and 5xx echo nothing of the upstream."""
     if status in (401, 403):
-        return UpstreamError(f"upstream rejected the worker's credentials: {message}")
-    if 400 <= status < 500:
-        return EngineError(
-            message,
-            status=status,
-            type=type_ or "invalid_request_error",
-            param=param,
-            code=code,
-            retry_after=retry_after,
-        )
-    return UpstreamError(f"upstream failed with HTTP {status}: {message}")
+        return UpstreamError(f"The upstream rejected the worker's credentials (HTTP {status}).")
+    if not 400 <= status < 500:
+        return UpstreamError(f"The upstream failed with HTTP {status}.")
+    message, type_, param, code = upstream_message(body)
+    return EngineError(
+        scrub(message, secrets) or f"The upstream answered HTTP {status}.",
+        status=status,
+        type=type_ or "invalid_request_error",
+        param=None if param is None else scrub(param, secrets),
+        code=code,
+        retry_after=retry_after,
+    )
 
 
-def _stream_error(chunk: UpChunk) -> UpstreamError | None:
+def _stream_error(chunk: UpChunk, secrets: tuple[str | None, ...]) -> UpstreamError | None:
     if isinstance(chunk.error, _UpErrorBody):
-        return UpstreamError(f"upstream error mid-stream: {chunk.error.message or 'unknown'}")
-    if isinstance(chunk.error, str):
-        return UpstreamError(f"upstream error mid-stream: {chunk.error}")
-    if chunk.object == "error":
-        return UpstreamError(f"upstream error mid-stream: {chunk.message or 'unknown'}")
-    return None
+        message = chunk.error.message or "unknown"
+    elif isinstance(chunk.error, str):
+        message = chunk.error
+    elif chunk.object == "error":
+        message = chunk.message or "unknown"
+    else:
+        return None
+    return UpstreamError(f"upstream error mid-stream: {scrub(message, secrets)}")
 
 
 def _retry_after(resp: httpx.Response) -> float | None:
@@ -298,9 +319,18 @@ class OpenAIEngine:
         )
 
     def card(self) -> ModelCard:
+        # The catalog is public (`/v1/models`): the upstream's address stays in the logs.
         return ModelCard(
-            engine="openai", owned_by="llmfleet", description=f"proxied to {self._url}"
+            engine="openai",
+            owned_by="llmfleet",
+            description="served by an OpenAI-compatible upstream",
         )
+
+    @property
+    def _secrets(self) -> tuple[str | None, ...]:
+        """What no text from the upstream may carry to a client."""
+        s = self.settings
+        return (s.api_key, s.base_url, self._url)
 
     async def start(self) -> None:
         s = self.settings
@@ -370,7 +400,8 @@ class OpenAIEngine:
         try:
             parsed = _embeddings_decoder.decode(resp.content)
         except msgspec.MsgspecError as exc:
-            raise UpstreamError(f"upstream {self._url} sent an unreadable embeddings body") from exc
+            log.warning("upstream %s sent an unreadable embeddings body", self._url)
+            raise UpstreamError("The upstream sent an unreadable embeddings body.") from exc
         items = sorted(parsed.data, key=lambda item: item.index)
         u = parsed.usage or _UpUsage()
         return EmbedResult(
@@ -407,19 +438,25 @@ class OpenAIEngine:
 
     @contextlib.contextmanager
     def _translate(self) -> Iterator[None]:
-        """The one seam where httpx exceptions become UpstreamError (never naming the key)."""
+        """The one seam where httpx exceptions become UpstreamError: a fixed message for
+        the client, the URL and the cause (never the key) for the log."""
         try:
             yield
         except httpx.TimeoutException as exc:
-            raise UpstreamError(self._scrub(f"upstream {self._url} timed out ({exc!r})")) from exc
+            self._log_failure(exc)
+            raise UpstreamError("The upstream timed out.") from exc
         except httpx.ConnectError as exc:
-            raise UpstreamError(
-                self._scrub(f"cannot connect to upstream {self._url}: {exc}")
-            ) from exc
+            self._log_failure(exc)
+            raise UpstreamError("The worker cannot connect to its upstream.") from exc
         except httpx.HTTPError as exc:
+            self._log_failure(exc)
             raise UpstreamError(
-                self._scrub(f"request to upstream {self._url} failed: {type(exc).__name__}: {exc}")
+                f"The request to the upstream failed ({type(exc).__name__})."
             ) from exc
+
+    def _log_failure(self, exc: Exception) -> None:
+        cause = self._scrub(f"{type(exc).__name__}: {exc}")
+        log.warning("request to upstream %s failed: %s", self._url, cause)
 
     def _scrub(self, message: str) -> str:
         key = self.settings.api_key
@@ -433,13 +470,17 @@ class OpenAIEngine:
             body += part
             if len(body) >= MAX_ERROR_BODY_BYTES:
                 break
-        raise upstream_error(resp.status_code, body, _retry_after(resp))
+        status = resp.status_code
+        if status in (401, 403) or status >= 500:  # the client sees only the status
+            text = scrub(upstream_message(body)[0], (self.settings.api_key,))
+            log.warning("upstream %s answered HTTP %d: %s", self._url, status, text)
+        raise upstream_error(status, body, _retry_after(resp), self._secrets)
 
     async def _stream(self, path: str, raw: bytes) -> AsyncGenerator[EngineEvent, None]:
         client = self._require_client()
         body = self._rewrite(raw, stream=True)
         parser = SSEParser()
-        state = _StreamState(self._url)
+        state = _StreamState(self._secrets)
         with self._translate():
             async with client.stream(
                 "POST",
@@ -461,7 +502,7 @@ class OpenAIEngine:
                     for out in state.take(parser.close()):
                         yield out
                     if not state.seen:
-                        raise UpstreamError(f"upstream {self._url} ended the stream without data")
+                        raise UpstreamError("The upstream ended the stream without data.")
                 yield state.usage()
                 if state.done:
                     # Read the end of the body so the connection goes back to the pool; a
@@ -475,8 +516,8 @@ class OpenAIEngine:
 class _StreamState:
     """What one upstream stream has said so far: `[DONE]` seen, last usage reported."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, secrets: tuple[str | None, ...]) -> None:
+        self.secrets = secrets  # scrubbed from upstream texts (see `scrub`)
         self.done = False
         self.seen = False
         self._usage: _UpUsage | None = None
@@ -494,8 +535,8 @@ class _StreamState:
             try:
                 chunk = _chunk_decoder.decode(event)
             except msgspec.MsgspecError as exc:
-                raise UpstreamError(f"upstream {self.url} sent an unreadable stream chunk") from exc
-            err = _stream_error(chunk)
+                raise UpstreamError("The upstream sent an unreadable stream chunk.") from exc
+            err = _stream_error(chunk, self.secrets)
             if err is not None:
                 raise err
             if chunk.usage is not None:

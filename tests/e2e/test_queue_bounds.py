@@ -1,0 +1,47 @@
+"""Bounds of the request stream against one producer's abuse, on a real broker: a request
+message is at most `max_msg_bytes` (larger bodies go by reference, into the producer's own
+byte-capped bucket), and the catalog's orphan-model discovery never fetches the per-subject
+counts of a stream holding more than MAX_LISTED_SUBJECTS subjects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import nats
+import nats.js.errors
+import pytest
+
+from common import names
+from common.queue import MAX_LISTED_SUBJECTS, ensure_stream, queued_models
+from common.settings import QueueSettings
+from llmfleet.broker import EmbeddedNats
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedNats]:
+    with EmbeddedNats() as server:
+        yield server
+
+
+async def test_request_size_and_subject_count_are_bounded(broker: EmbeddedNats) -> None:
+    nc = await nats.connect(broker.url)
+    js = nc.jetstream()
+    try:
+        settings = QueueSettings(max_msg_bytes=64 * 1024)
+        await ensure_stream(js, settings, update=True)
+        await js.publish(names.request_subject("m", "p"), b"x" * 60_000)
+        with pytest.raises(nats.js.errors.APIError):
+            await js.publish(names.request_subject("m", "p"), b"x" * 70_000)
+        assert await queued_models(js) == {"m"}
+        for i in range(MAX_LISTED_SUBJECTS + 1):  # a producer inventing models
+            await nc.publish(names.request_subject(f"made-up-{i}", "p"), b"")
+        await nc.flush()
+        want, deadline = MAX_LISTED_SUBJECTS + 2, time.monotonic() + 10.0
+        while (await js.stream_info(names.REQUEST_STREAM)).state.messages < want:
+            assert time.monotonic() < deadline, "the broker never stored them all"
+            await asyncio.sleep(0.05)
+        assert await queued_models(js) == set()  # too many to list: none fetched
+    finally:
+        await nc.close()
