@@ -84,22 +84,33 @@ async def ensure_stream(
         cfg.max_msgs_per_subject, cfg.max_bytes, cfg.subjects = wanted
         cfg.max_msg_size = settings.max_msg_bytes
         cfg.republish = None
+        cfg.subject_transform = None
+        cfg.no_ack = False
         cfg.allow_rollup_hdrs = False
+        cfg.discard = DiscardPolicy.NEW
+        cfg.discard_new_per_subject = True
         await js.update_stream(cfg)
         log.info("updated stream %s to %s", names.REQUEST_STREAM, wanted)
 
 
 def _foreign_settings(cfg: StreamConfig) -> list[str]:
     """Settings llmfleet never makes that would leak or alter requests (a stream created by
-    someone else): a gateway removes the ones an update can change (republish, rollups)
-    and reports sources and mirrors, which need the stream re-created."""
+    someone else, say a compromised worker after a broker restart): a gateway removes the
+    ones an update can change (republish, subject transforms, no-ack, rollups) and reports
+    sources, mirrors and another retention, which need the stream re-created."""
     found = []
     if cfg.republish is not None:
         found.append("republish")
     if cfg.allow_rollup_hdrs:
         found.append("allow_rollup_hdrs")
+    if cfg.subject_transform is not None:
+        found.append("subject_transform")
+    if cfg.no_ack:
+        found.append("no_ack")
     if cfg.sources or cfg.mirror is not None:
         found.append("sources/mirror (delete and re-create the stream)")
+    if cfg.retention not in (None, RetentionPolicy.WORK_QUEUE):
+        found.append("retention (delete and re-create the stream)")
     return found
 
 

@@ -45,3 +45,44 @@ async def test_request_size_and_subject_count_are_bounded(broker: EmbeddedNats) 
         assert await queued_models(js) == set()  # too many to list: none fetched
     finally:
         await nc.close()
+
+
+async def test_a_gateway_strips_a_foreign_stream_config(broker: EmbeddedNats) -> None:
+    """A request stream someone else created (a compromised worker, after a broker restart
+    emptied the memory stream) with a transform that re-labels one producer's requests as
+    another's, a republish that copies them out, and rollups: the gateway removes them."""
+    from nats.js.api import (  # noqa: PLC0415
+        DiscardPolicy,
+        RePublish,
+        RetentionPolicy,
+        StorageType,
+        StreamConfig,
+        SubjectTransform,
+    )
+
+    nc = await nats.connect(broker.url)
+    js = nc.jetstream()
+    try:
+        await js.add_stream(
+            StreamConfig(
+                name=names.REQUEST_STREAM,
+                subjects=[names.REQUEST_SUBJECTS],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.MEMORY,
+                discard=DiscardPolicy.OLD,
+                subject_transform=SubjectTransform(
+                    src="llmfleet.req.*.etl", dest="llmfleet.req.{{wildcard(1)}}.gateway"
+                ),
+                republish=RePublish(src=">", dest="spy.>"),
+                allow_rollup_hdrs=True,
+            )
+        )
+        await ensure_stream(js, QueueSettings(), update=True)
+        cfg = (await js.stream_info(names.REQUEST_STREAM)).config
+        assert cfg.subject_transform is None and cfg.republish is None
+        assert not cfg.allow_rollup_hdrs and cfg.discard == DiscardPolicy.NEW
+        ack = await js.publish(names.request_subject("m", "etl"), b"{}")
+        msg = await js.get_msg(names.REQUEST_STREAM, seq=ack.seq)
+        assert msg.subject == names.request_subject("m", "etl")  # not re-labelled
+    finally:
+        await nc.close()
