@@ -1,7 +1,9 @@
-"""Bounds of the request stream against one producer's abuse, on a real broker: a request
-message is at most `max_msg_bytes` (larger bodies go by reference, into the producer's own
-byte-capped bucket), and the catalog's orphan-model discovery never fetches the per-subject
-counts of a stream holding more than MAX_LISTED_SUBJECTS subjects."""
+"""The request stream's layout as gateways and workers keep it, on a real broker: bounds
+against one producer's abuse (a request message is at most `max_msg_bytes`, larger bodies
+going by reference into the producer's own byte-capped bucket; the catalog's orphan-model
+discovery never fetches the per-subject counts of a stream holding more than
+MAX_LISTED_SUBJECTS subjects), a foreign config stripped, and the migration from
+protocol 1 (a gateway migrates the stream's subjects, workers their consumers' filters)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,19 @@ from collections.abc import Iterator
 import nats
 import nats.js.errors
 import pytest
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RePublish,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    SubjectTransform,
+)
 
 from common import names
-from common.queue import MAX_LISTED_SUBJECTS, ensure_stream, queued_models
+from common.queue import MAX_LISTED_SUBJECTS, ensure_consumer, ensure_stream, queued_models
 from common.settings import QueueSettings
 from llmfleet.broker import EmbeddedNats
 
@@ -51,15 +63,6 @@ async def test_a_gateway_strips_a_foreign_stream_config(broker: EmbeddedNats) ->
     """A request stream someone else created (a compromised worker, after a broker restart
     emptied the memory stream) with a transform that re-labels one producer's requests as
     another's, a republish that copies them out, and rollups: the gateway removes them."""
-    from nats.js.api import (  # noqa: PLC0415
-        DiscardPolicy,
-        RePublish,
-        RetentionPolicy,
-        StorageType,
-        StreamConfig,
-        SubjectTransform,
-    )
-
     nc = await nats.connect(broker.url)
     js = nc.jetstream()
     try:
@@ -84,5 +87,41 @@ async def test_a_gateway_strips_a_foreign_stream_config(broker: EmbeddedNats) ->
         ack = await js.publish(names.request_subject("m", "etl"), b"{}")
         msg = await js.get_msg(names.REQUEST_STREAM, seq=ack.seq)
         assert msg.subject == names.request_subject("m", "etl")  # not re-labelled
+    finally:
+        await nc.close()
+
+
+async def test_a_version_1_stream_and_consumer_are_migrated(broker: EmbeddedNats) -> None:
+    nc = await nats.connect(broker.url)
+    js = nc.jetstream()
+    try:
+        await js.add_stream(
+            StreamConfig(
+                name=names.REQUEST_STREAM,
+                subjects=["llmfleet.req.*"],
+                storage=StorageType.MEMORY,
+                retention=RetentionPolicy.WORK_QUEUE,
+            )
+        )
+        old = ConsumerConfig(
+            durable_name="llmfleet-m",
+            filter_subject="llmfleet.req.m",
+            ack_policy=AckPolicy.EXPLICIT,
+            max_waiting=4096,
+        )
+        await js.add_consumer(names.REQUEST_STREAM, old)
+        await ensure_stream(js, QueueSettings(), update=False)  # a worker leaves it alone
+        info = await js.stream_info(names.REQUEST_STREAM)
+        assert info.config.subjects == ["llmfleet.req.*"]
+        await ensure_stream(js, QueueSettings(), update=True)  # a gateway migrates it
+        info = await js.stream_info(names.REQUEST_STREAM)
+        assert info.config.subjects == [names.REQUEST_SUBJECTS]
+        await ensure_consumer(js, "m", QueueSettings())  # a worker migrates its consumer
+        cinfo = await js.consumer_info(names.REQUEST_STREAM, "llmfleet-m")
+        assert cinfo.config.filter_subject == names.model_filter("m")
+        ack = await js.publish(names.request_subject("m", "p"), b"{}")
+        assert ack.stream == names.REQUEST_STREAM
+        cinfo = await js.consumer_info(names.REQUEST_STREAM, "llmfleet-m")
+        assert cinfo.num_pending == 1  # the migrated consumer sees version 2 requests
     finally:
         await nc.close()
