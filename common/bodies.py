@@ -65,6 +65,10 @@ class BodyStore:
         self._settings = settings or BodySettings()
         self._obs: ObjectStore | None = None
 
+    async def ensure(self) -> None:
+        """Open the bucket, creating it (with `bucket_config`) unless it exists."""
+        await self._store()
+
     async def _store(self) -> ObjectStore:
         if self._obs is None:
             try:
@@ -101,7 +105,7 @@ async def ensure_buckets(
     stream's config could capture or republish anyone's subjects), so a trusted role
     creates theirs, with exactly `bucket_config`."""
     for producer in producers:
-        await BodyStore(js, settings, producer=names.check_producer(producer))._store()
+        await BodyStore(js, settings, producer=names.check_producer(producer)).ensure()
 
 
 class BodyReader:

@@ -96,11 +96,7 @@ class FakeBus:
         reply: str = "",
         headers: dict[str, str] | None = None,
     ) -> None:
-        msg = FakeMsg(self, subject, payload, reply, headers)
-        self.published.append(msg)
-        for sub in list(self.subs):
-            if matches(sub.subject, subject):
-                sub.queue.put_nowait(msg)
+        await self.deliver(subject, subject, payload, reply, headers)
 
     async def deliver(
         self,
@@ -110,8 +106,9 @@ class FakeBus:
         reply: str,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """What JetStream does for a pull: route to `to` (the pull's inbox) a message that
-        keeps its stream `subject`, with the delivery's ack subject as `reply`."""
+        """Route to `to` a message whose subject is `subject`: a plain publish has them
+        equal; a JetStream pull delivery goes to the pull's inbox but keeps its stream
+        subject, with the delivery's ack subject as `reply`."""
         msg = FakeMsg(self, subject, payload, reply, headers)
         self.published.append(msg)
         for sub in list(self.subs):

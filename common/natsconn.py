@@ -18,6 +18,7 @@ man-in-the-middle) server would send CONNECT, password included, in clear text. 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -367,3 +368,34 @@ def redact_url(url: str) -> str:
         host = parts.hostname + (f":{parts.port}" if parts.port else "")
         out.append(f"{parts.scheme}://{host}" if parts.scheme else host)
     return ",".join(out)
+
+
+DISCOVER_EVERY_S = 0.25
+CONTROL_PENDING = 4096
+"""Messages a control subscription (ping, cancel, discover) may hold unread: a flood beyond
+it is dropped by the client (a slow-consumer error, logged rate-limited), not queued."""
+
+
+class Throttle:
+    """Run an answer at most once per `every_s` (`llmfleet.discover`: every worker and
+    gateway answers each one). A call that comes sooner waits for the end of that window
+    and runs then, once for any number of such calls; the others return at once. Meant for
+    a subscription callback (nats-py runs those one at a time)."""
+
+    def __init__(self, every_s: float = DISCOVER_EVERY_S) -> None:
+        self._every = every_s
+        self._last = -every_s
+        self._due = False
+
+    async def run(self, answer: Callable[[], Awaitable[None]]) -> None:
+        wait = self._last + self._every - time.monotonic()
+        if wait > 0:
+            if self._due:
+                return
+            self._due = True
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self._due = False
+        self._last = time.monotonic()
+        await answer()

@@ -18,6 +18,8 @@ from common import __version__, names
 from common import protocol as p
 from common.bodies import BodyStore, ensure_buckets
 from common.natsconn import (
+    CONTROL_PENDING,
+    Throttle,
     close,
     connect,
     flush,
@@ -290,21 +292,14 @@ class Gateway:
             "gateway %s serving on http://%s:%s", self.gateway_id, self.settings.host, self.port
         )
 
-        last, due = [-1.0], [False]
+        answers = Throttle()  # a flood of discovers: one announcement per 0.25 s
 
         async def on_discover(msg: Any) -> None:
-            # at most one announcement per 0.25 s; a later discover is answered at its end
-            wait = last[0] + 0.25 - time.monotonic()
-            if wait > 0:
-                if due[0]:
-                    return
-                due[0] = True
-                await asyncio.sleep(wait)
-                due[0] = False
-            last[0] = time.monotonic()
-            await self._announce(nc, catalog)
+            await answers.run(lambda: self._announce(nc, catalog))
 
-        disc = await nc.subscribe(names.DISCOVER_SUBJECT, cb=on_discover, pending_msgs_limit=4096)
+        disc = await nc.subscribe(
+            names.DISCOVER_SUBJECT, cb=on_discover, pending_msgs_limit=CONTROL_PENDING
+        )
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(self._announce_every(nc, catalog))
             if ready is not None:

@@ -21,7 +21,7 @@ from nats.js.errors import ServiceUnavailableError
 from common import __version__, names
 from common import protocol as p
 from common.bodies import BodyReader
-from common.natsconn import close, connect, flush, jetstream
+from common.natsconn import Throttle, close, connect, flush, jetstream
 from common.queue import ensure_consumer, ensure_stream
 from common.telemetry import Telemetry, serve_metrics
 from worker.decide import RunnerState, transition
@@ -33,12 +33,6 @@ from worker.runner import ModelRunner
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-
-DISCOVER_EVERY_S = 0.25
-CONTROL_PENDING = 4096
-"""Messages a control subscription (ping, cancel, discover) may hold unread: a flood beyond
-it is dropped by the client (a slow-consumer error, logged rate-limited), not queued."""
 
 
 class ServedModel(msgspec.Struct):
@@ -72,8 +66,7 @@ class Worker:
         self.engine_kinds = ",".join(dict.fromkeys(m.engine.card().engine for m in models))
         self._rates = RateWindow()
         self._stop = asyncio.Event()
-        self._last_discover_answer = -DISCOVER_EVERY_S
-        self._discover_due = False
+        self._discover_answers = Throttle()
         self._nc: Any = None
         self.failed = False  # an engine failed to start; the process should exit non-zero
         # Metrics and traces; built (and shut down) by the caller, like the gateway's.
@@ -177,19 +170,7 @@ class Worker:
                 r.cancel(producer, cmd.request_id, cmd.delivery)
 
     async def _on_discover(self, msg: Any) -> None:
-        """Announce, but at most once per DISCOVER_EVERY_S: a discover that comes sooner is
-        answered at the end of that window (one answer for any number of them; the
-        subscription's callbacks run one at a time, and a flood beyond its pending limit
-        is dropped)."""
-        wait = self._last_discover_answer + DISCOVER_EVERY_S - time.monotonic()
-        if wait > 0:
-            if self._discover_due:
-                return
-            self._discover_due = True
-            await asyncio.sleep(wait)
-            self._discover_due = False
-        self._last_discover_answer = time.monotonic()
-        await self._announce()
+        await self._discover_answers.run(self._announce)  # a flood: one answer per 0.25 s
 
     def request_drain(self) -> None:
         self.state = transition(self.state, RunnerState.DRAINING)
