@@ -28,8 +28,8 @@ dev: $(STAMP)
 	$(BIN)/llmfleet dev --engine $(ENGINE) --port $(PORT)
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check common gateway worker llmfleet tests bench
-	$(BIN)/ruff check common gateway worker llmfleet tests bench
+	$(BIN)/ruff format --check common control gateway worker llmfleet tests bench
+	$(BIN)/ruff check common control gateway worker llmfleet tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m tests.layers
 

@@ -3,11 +3,12 @@
     FleetError                      (status, type, code, param, message, retry_after)
     ├── InvalidRequest              400 invalid_request_error
     ├── Unauthorized                401 invalid_api_key
+    ├── Forbidden                   403 permission_denied (a key without the right)
     ├── NotFound                    404 invalid_request_error (routes)
     │   └── ModelNotFound           404 model_not_found
     ├── MethodNotAllowed            405
     ├── PayloadTooLarge             413
-    ├── RateLimited                 429 (queue full; Retry-After)
+    ├── RateLimited                 429 (queue full, rate limits, budgets; Retry-After)
     ├── ServiceUnavailable          503 (no capacity in time, broker down; Retry-After)
     ├── GatewayTimeout              504 (deadline passed)
     ├── UpstreamError               502 (an engine's upstream failed)
@@ -40,6 +41,7 @@ class FleetError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # HTTP headers it adds (x-ratelimit-*)
 
     def __init__(
         self,
@@ -89,6 +91,12 @@ class Unauthorized(FleetError):
     status = 401
     type = "invalid_request_error"  # what api.openai.com sends with invalid_api_key
     code = "invalid_api_key"
+
+
+class Forbidden(FleetError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
 
 
 class NotFound(FleetError):

@@ -6,7 +6,6 @@ wait for a worker, answer, finish); everything else here is a small synchronous 
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
@@ -14,14 +13,15 @@ from common.errors import (
     FleetError,
     InternalError,
     MethodNotAllowed,
-    ModelNotFound,
     NotFound,
     Unauthorized,
 )
 from common.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
 from gateway import render
+from gateway.auth import Authenticator, Principal, model_not_found
 from gateway.catalog import Catalog, ModelEntry
 from gateway.dispatch import Dispatcher
+from gateway.govern import Governor
 from gateway.http import (
     Message,
     Receive,
@@ -53,6 +53,7 @@ class GatewayApp:
         limits: Limits,
         api_key: str | None,
         ready_check: Any,
+        governor: Governor | None = None,
         metrics_token: str | None = None,
         default_model: str | None = None,
         cors_origins: tuple[str, ...] = (),
@@ -67,6 +68,9 @@ class GatewayApp:
         self.catalog = catalog
         self.limits = limits
         self.api_key = api_key
+        self.governor = governor or Governor(
+            Authenticator("api-key" if api_key else "none", api_key, None)
+        )
         self.metrics_token = metrics_token
         self.default_model = default_model
         self.ready_check = ready_check
@@ -115,7 +119,7 @@ class GatewayApp:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
         elif path == "/stats":
-            self.auth(scope)  # it shows the fleet: same key as /v1
+            self.governor.auth.authenticate_admin(scope)  # it shows the whole fleet
             await send_json(send, 200, render.json_bytes(self.snapshot_stats()))
         elif path == "/readyz":
             ok = await self.ready_check()
@@ -124,13 +128,13 @@ class GatewayApp:
         elif path.rstrip("/") == "/v1/models":
             if method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"Use GET for {path}.")
-            self.auth(scope)
-            await send_json(send, 200, self._models_body())
+            principal = self.governor.authenticate(scope)
+            await send_json(send, 200, self._models_body(principal))
         elif path.startswith("/v1/models/"):
             if method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"Use GET for {path}.")
-            self.auth(scope)
-            await self._model(path[len("/v1/models/") :].rstrip("/"), send)
+            principal = self.governor.authenticate(scope)
+            await self._model(principal, path[len("/v1/models/") :].rstrip("/"), send)
         else:
             raise NotFound(f"Unknown path {path}.")
 
@@ -139,6 +143,7 @@ class GatewayApp:
         snap = self.catalog.snapshot
         return {
             **self.stats.snapshot(self.dispatcher.mux.open_streams).as_document(),
+            "governance": self.governor.stats(),
             "fleet": {
                 "workers": len(snap.workers),
                 "models": {
@@ -153,18 +158,23 @@ class GatewayApp:
             },
         }
 
-    def auth(self, scope: Scope) -> None:
-        """Unauthorized unless the request bears the API key (or no key is set). Runs on
-        the headers alone: before any body is read."""
-        if self.api_key is not None and not _bears(scope, self.api_key):
-            raise Unauthorized("Incorrect API key provided.")
-
     def auth_metrics(self, scope: Scope) -> None:
-        """`/metrics` takes `--metrics-token` or the API key; it is open only when neither
-        is set (`--metrics-listen` serves it without auth, on a listener of its own)."""
+        """`/metrics` takes `--metrics-token`, the API key, or (`--auth keys`) an admin
+        key; it is open only when no auth is set at all (`--metrics-listen` serves it
+        without auth, on a listener of its own)."""
+        auth = self.governor.auth
         keys = [k for k in (self.metrics_token, self.api_key) if k is not None]
-        if keys and not any(_bears(scope, k) for k in keys):
-            raise Unauthorized("Incorrect metrics token provided.")
+        if any(auth.bears(scope, k) for k in keys):
+            return
+        if auth.mode == "keys":
+            try:
+                if auth.authenticate(scope).admin:
+                    return
+            except Unauthorized:
+                pass
+        elif not keys:
+            return
+        raise Unauthorized("Incorrect metrics token provided.")
 
     # ---- models ----------------------------------------------------------------------
 
@@ -182,24 +192,17 @@ class GatewayApp:
             "status": m.status,
         }
 
-    def _models_body(self) -> bytes:
+    def _models_body(self, principal: Principal) -> bytes:
+        """The models the caller may run (all of them, without virtual keys)."""
         snap = self.catalog.snapshot
-        return render.models_body([self._model_entry(m) for m in snap.models.values()])
+        entries = [self._model_entry(m) for m in snap.models.values() if principal.may_run(m.id)]
+        return render.models_body(entries)
 
-    async def _model(self, model_id: str, send: Send) -> None:
+    async def _model(self, principal: Principal, model_id: str, send: Send) -> None:
         entry = self.catalog.snapshot.lookup(model_id)
-        if entry is None:
-            raise ModelNotFound(
-                f"The model '{model_id}' does not exist or no worker serves it.", param="model"
-            )
+        if entry is None or not principal.may_run(model_id):
+            raise model_not_found(model_id)
         await send_json(send, 200, render.json_bytes(self._model_entry(entry)))
-
-
-def _bears(scope: Scope, key: str) -> bool:
-    """The request's `Authorization: Bearer` token is `key` (compared in constant time)."""
-    given = header(scope, b"authorization") or ""
-    token = given[7:] if given[:7].lower() == "bearer " else ""
-    return hmac.compare_digest(token.encode(), key.encode())
 
 
 def _with_cors(send: Send, origin: str | None, allowed: tuple[str, ...]) -> Send:
@@ -209,10 +212,16 @@ def _with_cors(send: Send, origin: str | None, allowed: tuple[str, ...]) -> Send
     extra = [
         (b"access-control-allow-origin", origin.encode("latin-1")),
         (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
-        (b"access-control-allow-headers", b"authorization, content-type, x-llmfleet-timeout"),
+        (
+            b"access-control-allow-headers",
+            b"authorization, content-type, x-api-key, x-llmfleet-timeout",
+        ),
         (
             b"access-control-expose-headers",
-            b"x-request-id, x-llmfleet-worker, x-llmfleet-model, retry-after",
+            b"x-request-id, x-llmfleet-worker, x-llmfleet-model, retry-after, "
+            b"x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+            b"x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
+            b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens",
         ),
         (b"access-control-max-age", b"600"),
         (b"vary", b"origin"),

@@ -62,9 +62,11 @@ async def send_json(
 
 
 def error_headers(err: FleetError) -> list[tuple[bytes, bytes]]:
-    if err.retry_after is None:
-        return []
-    return [(b"retry-after", str(max(1, round(err.retry_after))).encode())]
+    """Retry-After, and the headers the error brings (a rate limit's x-ratelimit-*)."""
+    out = list(err.headers)
+    if err.retry_after is not None:
+        out.append((b"retry-after", str(max(1, round(err.retry_after))).encode()))
+    return out
 
 
 async def send_error(

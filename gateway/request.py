@@ -1,13 +1,16 @@
 """One inference request, from the HTTP request to its last byte: `Call` owns its phases.
 
-    admit     auth, bounded body, typed decode + limits, catalog lookup  (401/413/400/404)
+    admit     auth, bounded body, typed decode + limits, what the key may run,
+              catalog lookup, the key's rate limits and budgets (gateway/govern.py)
+                                                                     (401/413/400/404/429)
     publish   JetStream publish of the body (by reference when large)    (429/503)
     wait      for a worker's `accepted`, up to the queue timeout         (503/504)
     answer    SSE frames or one JSON body; errors before the first frame keep their
               HTTP status, later ones are one error event; with --resume-on-failure a
               worker lost mid-answer is replaced (gateway/resume.py)
     finish    a client that left, or any failure, cancels the worker (or withdraws the
-              request from the queue); metrics and the access line are recorded once
+              request from the queue); the reservation is settled to the real usage;
+              metrics, the access line and the audit event are recorded once
 
 Everything a phase needs is on the `Call` (request id, the telemetry record, the headers
 owed to the client, whether the response has started), so the flow reads top to bottom
@@ -25,11 +28,15 @@ from typing import TYPE_CHECKING
 from opentelemetry import trace
 
 from common import protocol as p
-from common.errors import FleetError, InternalError, ModelNotFound
+from common.audit import AuditEvent
+from common.errors import FleetError, InternalError
 from common.logs import bind
 from common.telemetry import gen_ai_operation
+from control.quota import Ticket
 from gateway import render
+from gateway.auth import Principal
 from gateway.dispatch import Submission
+from gateway.govern import ms
 from gateway.http import (
     SSE_HEADERS,
     ClientGone,
@@ -101,6 +108,14 @@ class Call:
         self.headers: Headers = [(b"x-request-id", self.rid.encode())]
         self.traceparent = header(scope, b"traceparent")
         self.started = False  # the HTTP response has begun (status 200 sent)
+        self.principal: Principal | None = None
+        self.asked_model = ""  # the model the request named (audit; may not exist)
+        self.ticket: Ticket | None = None  # what its key's limits reserved
+        self.admitted = ""  # the model, once admitted (its usage counts for the key)
+        self.prompt_bound = 0  # the prompt's size in bytes: no more tokens than that
+        self.done = False  # the worker's `done` (its usage) arrived
+        self.queued: Principal | None = None  # counted in its key's queue share
+        self.audited = False  # --audit-required: the event is already stored
         self.unsent: list[bytes] = []  # SSE frames not yet written (sent with the next write)
         span = None
         if app.telemetry.tracing:
@@ -143,23 +158,35 @@ class Call:
                 self.rec.accepted_at = sub.accepted_at
                 await sub.close()
         finally:
+            self._leave_queue()
+            app.governor.settle(self.principal, self.ticket, *self._charged(), self.admitted)
+            app.governor.record(self._audit_event(), written=self.audited)
             app.metrics.finish(self.rec, published=published)
 
     # ---- admit and publish -------------------------------------------------------------
 
     async def _admit(self) -> Parsed:
         app = self.app
-        app.auth(self.scope)
+        gov = app.governor
+        self.principal = principal = gov.authenticate(self.scope)  # before the body
+        gov.check_audit()
         body = await read_body(self.scope, self.receive, app.limits.max_body_bytes)
-        parsed = parse(self.op, body, app.limits, app.default_model)
+        # A default model the key may not run is no default for it (not even its name).
+        default = app.default_model if principal.may_run(app.default_model or "") else None
+        parsed = parse(self.op, body, app.limits, default)
         self.rec.stream = parsed.stream
-        if app.catalog.snapshot.lookup(parsed.model) is None:
-            raise ModelNotFound(
-                f"The model '{parsed.model}' does not exist or no worker serves it.",
-                param="model",
-            )
-        self.rec.model = parsed.model
+        self.asked_model = parsed.model
+        gov.check_model(principal, parsed.model, app.catalog)
+        self.rec.model = parsed.model  # a metrics label: only models the fleet has
         bind(model=parsed.model)
+        self.prompt_bound = len(parsed.body)
+        # Its share of the queue first: a request refused there consumes no quota.
+        gov.enter_queue(principal, parsed.model)
+        self.queued = principal
+        parsed, self.ticket = await gov.admit(principal, parsed)
+        self.admitted = parsed.model
+        if self.ticket is not None:
+            self.headers = [*self.headers, *self.ticket.headers]
         return parsed
 
     async def _publish(self, parsed: Parsed) -> Submission:
@@ -208,6 +235,7 @@ class Call:
         renderer: render.StreamRenderer | None = None
         try:
             await sub.first()
+            self._leave_queue()
             bind(worker=sub.worker)
             if parsed.stream:
                 renderer = self._renderer(parsed)
@@ -259,10 +287,13 @@ class Call:
                 unsent.append(renderer.finish(msg.usage))
                 self.rec.tokens_in = msg.usage.prompt_tokens
                 self.rec.tokens_out = msg.usage.completion_tokens
+                self.done = True
+                await self._audit_gate(sub)
                 await self.send({"type": "http.response.body", "body": b"".join(unsent)})
                 self.app.stats.ok += 1
                 return
             if isinstance(msg, p.Delta):
+                self._seen(msg)
                 unsent.append(renderer.delta(msg))
             if not replies.has_pending():  # write what piled up in one go
                 body = b"".join(unsent)
@@ -278,6 +309,7 @@ class Call:
             if isinstance(msg, p.Delta):
                 if self.rec.first_at is None:
                     self.rec.first_at = time.perf_counter()
+                self._seen(msg)
                 acc.add(msg)
             elif isinstance(msg, p.Embedding):
                 acc.add_embedding(msg)
@@ -285,6 +317,7 @@ class Call:
                 break
         usage = msg.usage
         self.rec.tokens_in, self.rec.tokens_out = usage.prompt_tokens, usage.completion_tokens
+        self.done = True
         created = int(time.time())
         if parsed.op == "chat":
             body = acc.chat_body("chatcmpl-" + self.rid, created, parsed.model, usage)
@@ -292,8 +325,62 @@ class Call:
             body = acc.completion_body("cmpl-" + self.rid, created, parsed.model, usage)
         else:
             body = acc.embedding_body(parsed.model, usage)
+        await self._audit_gate(replies.current)
         self.app.stats.ok += 1
         await send_json(self.send, 200, body, [*self.headers, *worker_headers(replies.current)])
+
+    # ---- governance --------------------------------------------------------------------
+
+    def _seen(self, msg: p.Delta) -> None:
+        """Count output as it arrives: a request that never gets its `done` (the client
+        left, the worker failed) is charged for what it got (`_charged`)."""
+        if msg.tokens is not None:
+            self.rec.tokens_out = max(self.rec.tokens_out, msg.tokens)
+        else:
+            self.rec.tokens_out += 1
+
+    def _charged(self) -> tuple[int, int]:
+        """(prompt, completion) tokens its key is charged: the worker's usage; without
+        one, after a worker took it, the prompt's bound and the output seen."""
+        prompt, completion = self.rec.tokens_in, self.rec.tokens_out
+        if not self.done and self.rec.accepted_at is not None:
+            prompt = max(prompt, self.prompt_bound)
+        return prompt, completion
+
+    def _leave_queue(self) -> None:
+        if self.queued is not None:
+            self.app.governor.leave_queue(self.queued, self.asked_model)
+            self.queued = None
+
+    async def _audit_gate(self, sub: Submission) -> None:
+        """`--audit-required`: the answer completes only once its audit event is stored
+        (else AuditRequired, 503 or an error event)."""
+        gov = self.app.governor
+        if not gov.audit_required:
+            return
+        self.rec.worker, self.rec.worker_model = sub.worker or "", sub.model
+        await gov.write_required(self._audit_event())
+        self.audited = True
+
+    def _audit_event(self) -> AuditEvent:
+        rec = self.rec
+        client = self.scope.get("client")
+        return self.app.governor.event(
+            request_id=self.rid,
+            key="" if self.principal is None else self.principal.name,
+            route=self.op,
+            model=self.asked_model,
+            served_model=rec.worker_model,
+            worker=rec.worker,
+            status=rec.status,
+            error=rec.error_type or "",
+            prompt_tokens=rec.tokens_in,
+            completion_tokens=rec.tokens_out,
+            ttft_ms=None if rec.first_at is None else ms(rec.first_at - rec.start),
+            duration_ms=ms(time.perf_counter() - rec.start) or 0.0,
+            stream=rec.stream,
+            client=f"{client[0]}:{client[1]}" if client else "",
+        )
 
     # ---- failures ----------------------------------------------------------------------
 

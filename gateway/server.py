@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import socket
 import time
@@ -16,7 +17,9 @@ import uvicorn
 
 from common import __version__, names
 from common import protocol as p
+from common.audit import GATEWAY_AUDIT_PREFIX, AuditSettings, AuditWriter, ensure_audit_stream
 from common.bodies import BodyStore, ensure_buckets
+from common.clock import BrokerClock
 from common.natsconn import (
     CONTROL_PENDING,
     Throttle,
@@ -30,16 +33,24 @@ from common.natsconn import (
 from common.queue import ensure_stream
 from common.settings import BodySettings
 from common.telemetry import Telemetry, serve_metrics
+from control.keyring import Keyring
+from control.quota import Quota
+from control.store import QUOTA_BUCKET, open_bucket, quota_config
 from gateway.app import GatewayApp
+from gateway.auth import Authenticator
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher
 from gateway.edge import EdgeConfig, EdgeCounters
+from gateway.govern import Governor
 from gateway.mux import ReplyMux
 from gateway.observe import observe_gateway
-from gateway.settings import GatewaySettings, parse_listen
+from gateway.settings import GatewaySettings, auth_mode, parse_listen
 from gateway.stats import GatewayCounters
 
 log = logging.getLogger(__name__)
+
+QUOTA_STREAM = "KV_" + QUOTA_BUCKET
+KEYS_WAIT_S = 10.0  # --auth keys: the longest a start waits to read the keys
 
 
 class _Server(uvicorn.Server):
@@ -89,6 +100,11 @@ class Gateway:
         self.edge_counters = EdgeCounters()
         self._started = time.monotonic()
         self._host = socket.gethostname()
+        self.auth = auth_mode(settings)
+        self.keyring = Keyring() if self.auth == "keys" else None
+        self.quota: Quota | None = None
+        self.clock: BrokerClock | None = None
+        self.audit: AuditWriter | None = None
 
     def announcement(self, catalog: Catalog, state: str) -> p.GatewayAnnounce:
         """This gateway for operators: `llmfleet.gwhb.<gateway>` (see common/protocol.py)."""
@@ -135,6 +151,8 @@ class Gateway:
             # A restarted broker may have lost the (memory) stream; workers re-create
             # their consumers, and a discover round refreshes the catalog at once.
             catalog.post_connection(True)
+            if self.keyring is not None:
+                self.keyring.restart()  # the watch may have missed changes meanwhile
             await nc.publish(names.DISCOVER_SUBJECT, b"")
             await ensure_stream(jetstream(nc), s.queue, update=True)
             await ensure_buckets(jetstream(nc), s.producer_buckets, self._body_settings())
@@ -153,9 +171,58 @@ class Gateway:
             js = jetstream(nc)
             await ensure_stream(js, s.queue, update=True)
             await ensure_buckets(js, s.producer_buckets, self._body_settings())
+            await self._govern(nc, js)
             await self._serve(nc, js, catalog, ready)
         finally:
             await close(nc)
+
+    async def _govern(self, nc: Any, js: Any) -> None:
+        """The control layer's broker state: the quota ledgers (virtual keys) and the
+        audit stream; both are created when missing. Ledgers are stamped with the
+        broker's time, so gateways with different clocks still agree on them."""
+        s = self.settings
+        if self.keyring is not None:
+            kv = await open_bucket(js, quota_config(s.queue.replicas), create=True)
+            self.clock = BrokerClock(nc, "$JS.API.STREAM.INFO." + QUOTA_STREAM)
+            try:
+                await self.clock.probe()
+            except Exception as exc:
+                log.warning("broker clock probe failed (local clock used): %s", exc)
+            self.quota = Quota(kv, self.gateway_id, clock=self.clock.now)
+            self.keyring.clock = self.clock.now  # expiries too, on the broker's time
+        if s.audit == "on":
+            await ensure_audit_stream(
+                js,
+                AuditSettings(
+                    retention_days=s.audit_retention_days,
+                    max_bytes=s.audit_max_bytes,
+                    replicas=s.queue.replicas,
+                ),
+            )
+            self.audit = AuditWriter(js, GATEWAY_AUDIT_PREFIX + self.gateway_id)
+
+    async def _read_keys(self, tg: asyncio.TaskGroup, js: Any) -> list[asyncio.Task[None]]:
+        """Start the control layer's tasks; with virtual keys, serve only once the keys
+        are read (fail closed: OSError if they cannot be read in time)."""
+        tasks = []
+        if self.audit is not None:
+            tasks.append(tg.create_task(self.audit.run()))
+        if self.quota is not None:
+            tasks.append(tg.create_task(self.quota.run()))
+        if self.clock is not None:
+            tasks.append(tg.create_task(self.clock.run()))
+        if self.keyring is not None:
+            tasks.append(tg.create_task(self.keyring.run(js, create=False)))
+            try:
+                async with asyncio.timeout(KEYS_WAIT_S):
+                    await self.keyring.ready.wait()
+            except TimeoutError:
+                for t in tasks:
+                    t.cancel()
+                raise OSError(
+                    f"--auth keys: could not read the keys bucket within {KEYS_WAIT_S:.0f} s"
+                ) from None
+        return tasks
 
     async def _serve(
         self, nc: Any, js: Any, catalog: Catalog, ready: asyncio.Future[None] | None
@@ -166,7 +233,7 @@ class Gateway:
         self.app = self._build_app(nc, js, mux, catalog)
         server = _Server(self._uvicorn_config(self.app))
         async with asyncio.TaskGroup() as tg:
-            background = [tg.create_task(catalog.run())]
+            background = [tg.create_task(catalog.run()), *await self._read_keys(tg, js)]
             if self.telemetry.metrics and s.queue_poll_s > 0:
                 models = lambda: list(catalog.snapshot.models)  # noqa: E731
                 background.append(
@@ -227,7 +294,20 @@ class Gateway:
         )
 
         async def ready_check() -> bool:
+            if self.keyring is not None and not self.keyring.ready.is_set():
+                return False
             return await jetstream_ready(nc, js)
+
+        governor = Governor(
+            Authenticator(self.auth, s.api_key, self.keyring),
+            quota=self.quota,
+            audit_writer=self.audit,
+            audit_required=s.audit_required,
+            gateway_id=self.gateway_id,
+            reserve_tokens=s.reserve_tokens,
+            key_queue_cap=math.ceil(s.queue.max_per_model * s.key_queue_share),
+            telemetry=self.telemetry,
+        )
 
         app = GatewayApp(
             dispatcher=dispatcher,
@@ -237,6 +317,7 @@ class Gateway:
             metrics_token=s.metrics_token,
             default_model=s.default_model,
             ready_check=ready_check,
+            governor=governor,
             cors_origins=s.cors_origins,
             resume_on_failure=s.resume_on_failure,
             telemetry=self.telemetry,

@@ -47,6 +47,19 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     port: int = 8080
     gateway_id: str = ""
     api_key: str | None = None
+    # none | api-key | keys ("": api-key when --api-key is set, else none); see
+    # gateway/auth.py and docs/governance.md
+    auth: str = ""
+    audit: str = "on"  # on | off: one event per request in LLMFLEET_AUDIT
+    audit_required: bool = False  # a request whose audit event cannot be stored fails
+    audit_retention_days: float = 30.0
+    audit_max_bytes: int = -1  # the audit stream's size cap (oldest events go first); -1: none
+    # Reserved completion tokens for a request that sets no max tokens, under a key that
+    # counts tokens (tpm, budgets); it then runs with this max_tokens.
+    reserve_tokens: int = 4096
+    # A key's share of one model's queue at this gateway (requests not yet taken by a
+    # worker), as a fraction of --max-queue; 0: no per-key cap.
+    key_queue_share: float = 0.5
     default_model: str | None = None  # for requests that name no model
     limits: Limits = Limits()
     dispatch: DispatchSettings = DispatchSettings()
@@ -81,6 +94,21 @@ def check_gateway(settings: GatewaySettings) -> None:
         raise ValueError(f"--max-connections must be at least 1, not {e.max_connections}")
     if settings.metrics_listen:
         parse_listen(settings.metrics_listen)
+    if auth_mode(settings) == "api-key" and not settings.api_key:
+        raise ValueError("--auth api-key needs --api-key")
+    if settings.auth == "keys" and settings.api_key:
+        raise ValueError("--auth keys replaces --api-key: give one of them")
+    if not 0 <= settings.key_queue_share <= 1:
+        raise ValueError(f"--key-queue-share must be within 0..1, not {settings.key_queue_share}")
+    if settings.reserve_tokens < 1:
+        raise ValueError(f"--reserve-tokens must be at least 1, not {settings.reserve_tokens}")
+    if not settings.audit_retention_days > 0:
+        raise ValueError("--audit-retention must be positive")
+
+
+def auth_mode(settings: GatewaySettings) -> str:
+    """The auth mode in force: `--auth`, else api-key if `--api-key` is set, else none."""
+    return settings.auth or ("api-key" if settings.api_key else "none")
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -28,6 +28,9 @@ class Parsed(msgspec.Struct, frozen=True):
     include_usage: bool
     n: int
     body: bytes
+    # Most completion tokens the request can produce in all (None: the client set no
+    # limit); quota reservations start from it (gateway/govern.py).
+    max_completion: int | None = 0
 
 
 def _decode_failure(exc: msgspec.DecodeError) -> InvalidRequest:
@@ -107,7 +110,9 @@ def _parse_chat(body: bytes, limits: Limits, default_model: str | None) -> Parse
     _check_tokens(chat.max_tokens, "max_tokens", limits)
     _check_tokens(chat.max_completion_tokens, "max_completion_tokens", limits)
     usage = chat.streaming() and chat.wants_usage()
-    return Parsed("chat", model, chat.streaming(), usage, chat.choices(), body)
+    limit = chat.token_limit()
+    most = None if limit is None else limit * chat.choices()
+    return Parsed("chat", model, chat.streaming(), usage, chat.choices(), body, most)
 
 
 def _parse_completion(body: bytes, limits: Limits, default_model: str | None) -> Parsed:
@@ -127,7 +132,8 @@ def _parse_completion(body: bytes, limits: Limits, default_model: str | None) ->
         )
     total = len(prompts) * comp.choices()
     usage = comp.streaming() and comp.wants_usage()
-    return Parsed("completion", model, comp.streaming(), usage, total, body)
+    most = len(prompts) * comp.candidates() * comp.token_limit()
+    return Parsed("completion", model, comp.streaming(), usage, total, body, most)
 
 
 def _parse_embedding(body: bytes, limits: Limits, default_model: str | None) -> Parsed:

@@ -12,7 +12,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from llmfleet.flags import build_parser
@@ -132,6 +132,48 @@ def cmd_drain(args: argparse.Namespace) -> None:
         raise SystemExit(f"llmfleet drain: {exc}") from None
 
 
+def _admin(
+    args: argparse.Namespace,
+    command: str,
+    run: Callable[[argparse.Namespace, Any], Coroutine[Any, Any, None]],
+) -> None:
+    """Run an admin command (keys, usage, prices, audit): its one-line error, never a
+    traceback; Ctrl-C (`audit tail --follow`) ends it quietly."""
+    from llmfleet import adminconn  # noqa: PLC0415
+
+    tls = _nats_tls(args, command)
+    try:
+        run_async(run(args, adminconn.target(args.nats_url, args.creds, tls)))
+    except adminconn.AdminError as exc:
+        raise SystemExit(f"llmfleet {command}: {exc}") from None
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_keys(args: argparse.Namespace) -> None:
+    from llmfleet import keyscli  # noqa: PLC0415
+
+    _admin(args, f"keys {args.keys_command}", keyscli.run_keys)
+
+
+def cmd_usage(args: argparse.Namespace) -> None:
+    from llmfleet import usagecli  # noqa: PLC0415
+
+    _admin(args, "usage", usagecli.run_usage)
+
+
+def cmd_prices(args: argparse.Namespace) -> None:
+    from llmfleet import usagecli  # noqa: PLC0415
+
+    _admin(args, f"prices {args.prices_command}", usagecli.run_prices)
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from llmfleet import auditcli  # noqa: PLC0415
+
+    _admin(args, "audit tail", auditcli.run_audit)
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from llmfleet.dev import run_dev  # noqa: PLC0415
 
@@ -145,6 +187,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "dev": cmd_dev,
     "status": cmd_status,
     "drain": cmd_drain,
+    "keys": cmd_keys,
+    "usage": cmd_usage,
+    "prices": cmd_prices,
+    "audit": cmd_audit,
 }
 
 

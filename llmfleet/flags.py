@@ -95,6 +95,42 @@ GATEWAY_FLAGS = (
     Flag("--host", "host", "HTTP listen address"),
     Flag("--port", "port", "HTTP port"),
     Flag("--api-key", "api_key", "require this bearer token from clients (empty: no auth)"),
+    Flag(
+        "--auth",
+        "auth",
+        "none | api-key | keys (virtual keys from `llmfleet keys`; see docs/governance.md); "
+        "empty: api-key when --api-key is set, else none",
+        choices=("", "none", "api-key", "keys"),
+    ),
+    Flag(
+        "--audit",
+        "audit",
+        "on: one audit event per request in the LLMFLEET_AUDIT stream",
+        choices=("on", "off"),
+    ),
+    Flag(
+        "--audit-required",
+        "audit_required",
+        "fail a request whose audit event cannot be stored (default: complete it, count it)",
+    ),
+    Flag("--audit-retention", "audit_retention_days", "days the audit stream keeps events"),
+    Flag(
+        "--audit-max-bytes",
+        "audit_max_bytes",
+        "size cap of the audit stream, oldest events dropped first (-1: none)",
+    ),
+    Flag(
+        "--reserve-tokens",
+        "reserve_tokens",
+        "completion tokens reserved (and set as max_tokens) for a request with no max tokens "
+        "under a key with a token limit or budget",
+    ),
+    Flag(
+        "--key-queue-share",
+        "key_queue_share",
+        "most of one model's --max-queue one virtual key may hold waiting at this gateway "
+        "(0: no cap)",
+    ),
     Flag("--default-model", "default_model", "model for requests that name none (empty: 400)"),
     Flag("--gateway-id", "gateway_id", "gateway id in announcements and subjects (empty: random)"),
     Flag(
@@ -200,6 +236,12 @@ WORKER_FLAGS = (
     ),
     Flag("--metrics-port", "metrics_port", "port for Prometheus GET /metrics (0: off)"),
     Flag("--metrics-host", "metrics_host", "listen address of --metrics-port"),
+    Flag(
+        "--audit",
+        "audit",
+        "on: requests from batch producers (straight over NATS) leave an audit event",
+        choices=("on", "off"),
+    ),
 )
 WORKER_REPLICAS = Flag(
     "--stream-replicas",
@@ -393,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(dev, "--nats-port", 4222, "NATS port (a free one if taken)", int)
     _status_args(command("status", "show the fleet: models, queues, workers"))
     _drain_args(command("drain", "ask one worker to drain and exit"))
+    from llmfleet.adminflags import admin_args  # noqa: PLC0415 - it builds on this module
+
+    admin_args(sub, common)
     return top
 
 

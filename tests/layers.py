@@ -1,12 +1,14 @@
 """The import layers of llmfleet, read from the source (every import, lazy ones too):
 
     common  <  gateway | worker  <  llmfleet
+    common  <  control  <  gateway, llmfleet
 
 `common` is the contract both sides speak (protocol, names, errors, queue and body-store
 layout, and the telemetry and logging both use); `gateway` and `worker` build on it and
-never import each other; `llmfleet` (CLI, composition roots, dev stack, broker launcher,
-status tool) sits on top. `python -m tests.layers` prints the graph (`make lint` runs it);
-tests/unit/test_layers.py fails on any import that breaks it.
+never import each other; `control` (virtual keys, quota ledgers) builds on `common` and
+serves the gateway and the admin CLI; `llmfleet` (CLI, composition roots, dev stack,
+broker launcher, status tool) sits on top. `python -m tests.layers` prints the graph
+(`make lint` runs it); tests/unit/test_layers.py fails on any import that breaks it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ALLOWED = {
     "common": {"common"},
-    "gateway": {"common", "gateway"},
+    "control": {"common", "control"},
+    "gateway": {"common", "control", "gateway"},
     "worker": {"common", "worker"},
-    "llmfleet": {"common", "gateway", "worker", "llmfleet"},
+    "llmfleet": {"common", "control", "gateway", "worker", "llmfleet"},
 }
 
 

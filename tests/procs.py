@@ -68,13 +68,18 @@ class Fleet:
         self._n += 1
         return self.workdir / f"{self._n:02d}-{kind}.log"
 
-    def gateway(self, *extra: str, wait_models: tuple[str, ...] = ()) -> Gateway:
+    def gateway(
+        self, *extra: str, wait_models: tuple[str, ...] = (), key: str | None = None
+    ) -> Gateway:
+        """A gateway process; `key`: the secret it checks readiness with (--auth keys)."""
         port = free_port()
         gw = Gateway(
             ["gateway", "--nats", self.nats_url, "--port", str(port), *extra],
             self._log_path("gateway"),
             port,
         )
+        if key is not None:
+            gw.api_key = key
         self.procs.append(gw)
         self.wait_ready(gw, wait_models)
         return gw

@@ -3,7 +3,6 @@ how to coalesce output. No I/O, no logging; tested without an event loop."""
 
 from __future__ import annotations
 
-import datetime as dt
 import enum
 
 import msgspec
@@ -131,17 +130,6 @@ class ClockOffset:
 
 
 CLOCK_PROBE_S = 30.0
-
-
-def parse_rfc3339_ns(text: str) -> int:
-    """`2026-12-01T23:49:03.503307644Z` (the broker's `ts`) in unix ns; ValueError if not."""
-    if not text.endswith("Z"):
-        raise ValueError(f"not a UTC RFC 3339 time: {text[:40]!r}")
-    head, _, frac = text[:-1].partition(".")
-    if frac and not frac.isdigit():
-        raise ValueError(f"not a UTC RFC 3339 time: {text[:40]!r}")
-    base = dt.datetime.strptime(head, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC)
-    return int(base.timestamp()) * 10**9 + int((frac + "000000000")[:9])
 
 
 class AckInfo(msgspec.Struct, frozen=True):

@@ -69,6 +69,10 @@ class JobResult(msgspec.Struct, frozen=True):
     ok: bool
     tokens_out: int = 0
     tokens_in: int = 0
+    status: int = 200  # the status its terminal message carried (audit)
+    error: str = ""  # its error code
+    ttft_s: float | None = None
+    duration_s: float = 0.0
 
 
 class _Failed(msgspec.Struct):
@@ -398,6 +402,8 @@ async def run_job(
     obs = None if metrics is None else _observer(metrics, spec, engine, worker, model)
     usage: p.Usage | None = None
     outcome, error = "failed", "internal_error"
+    status = 500
+    t0 = time.perf_counter()
     await out.accepted(spec, worker, model, handle.ack_subject)
     try:
         usage = await _generate(handle, engine, obs)
@@ -408,6 +414,8 @@ async def run_job(
             ok=True,
             tokens_out=usage.completion_tokens,
             tokens_in=usage.prompt_tokens,
+            ttft_s=_since(t0, out.first_output_at),
+            duration_s=time.perf_counter() - t0,
         )
     except asyncio.CancelledError:
         log.debug("request %s cancelled", spec.request_id)
@@ -417,10 +425,10 @@ async def run_job(
         await asyncio.shield(_end_with(handle, err))
         raise
     except FleetError as exc:
-        error = exc.code or exc.type
+        error, status = exc.code or exc.type, exc.status
         await _end_with(handle, exc)
     except TimeoutError:
-        error = "deadline_exceeded"
+        error, status = "deadline_exceeded", 504
         await _end_with(handle, GatewayTimeout("The request's deadline passed during generation."))
     except Exception:
         log.exception("request %s failed in the engine", spec.request_id)
@@ -428,7 +436,18 @@ async def run_job(
     finally:
         if obs is not None:
             obs.finish(outcome, out.first_output_at, usage, error or None)
-    return JobResult(spec.delivery, ok=False)
+    return JobResult(
+        spec.delivery,
+        ok=False,
+        status=status,
+        error=error,
+        ttft_s=_since(t0, out.first_output_at),
+        duration_s=time.perf_counter() - t0,
+    )
+
+
+def _since(t0: float, t: float | None) -> float | None:
+    return None if t is None else t - t0
 
 
 def _observer(

@@ -35,8 +35,11 @@ from typing import Any
 import msgspec
 
 from common import names
+from common.audit import AuditEvent, AuditWriter
+from common.audit import now as audit_now
 from common.bodies import BodyReader
 from common.bus import Bus
+from common.clock import parse_rfc3339_ns
 from common.errors import FleetError, GatewayTimeout, InvalidRequest, UpstreamError
 from common.natsconn import flush
 from worker.decide import (
@@ -46,7 +49,6 @@ from worker.decide import (
     RunnerState,
     admit,
     parse_ack_subject,
-    parse_rfc3339_ns,
     pull_batch,
 )
 from worker.engine import Engine
@@ -165,8 +167,10 @@ class ModelRunner:
         settings: RunnerSettings | None = None,
         bodies: BodyReader | None = None,
         metrics: WorkerMetrics | None = None,
+        audit: AuditWriter | None = None,
     ) -> None:
         self._bodies = bodies
+        self._audit = audit  # requests straight over NATS are audited here
         self._metrics = metrics
         self.model_id = model_id
         self.engine = engine
@@ -372,6 +376,8 @@ class ModelRunner:
         if job is not None:
             self._watch.pop(job[1].writer.watch.rsplit(".", 1)[-1], None)
             spec = job[1].spec
+            if self._audit is not None and spec.producer != names.GATEWAY_PRODUCER:
+                self._audit.submit(self._audit_event(spec, res), spec.delivery)
             keys = self._by_request.get((spec.producer, spec.request_id))
             if keys is not None:
                 keys.discard(res.key)
@@ -384,6 +390,27 @@ class ModelRunner:
         else:
             self._failed += 1
         self._maybe_stopped()
+
+    def _audit_event(self, spec: JobSpec, res: JobResult) -> AuditEvent:
+        """A request from a batch producer (the gateway audits its own): the principal
+        is the producer the request subject names, which NATS permissions vouch for."""
+        return AuditEvent(
+            ts=audit_now(),
+            request_id=spec.request_id,
+            key=f"producer:{spec.producer}",
+            route=spec.op,
+            model=self.model_id,
+            served_model=self.model_id,
+            worker=self.worker_id,
+            status=res.status if not res.ok else 200,
+            error="" if res.ok else res.error,
+            prompt_tokens=res.tokens_in,
+            completion_tokens=res.tokens_out,
+            ttft_ms=None if res.ttft_s is None else round(res.ttft_s * 1000, 3),
+            duration_ms=round(res.duration_s * 1000, 3),
+            stream=True,
+            client=spec.producer,
+        )
 
     def _on_listener_gone(self, token: str) -> None:
         self._gone_queued.discard(token)
@@ -420,6 +447,9 @@ class ModelRunner:
             log.warning("runner %s: could not terminate a delivery", self.model_id)
 
     async def _reject(self, spec: JobSpec, err: FleetError) -> None:
+        if self._audit is not None and spec.producer != names.GATEWAY_PRODUCER:
+            res = JobResult(spec.delivery, ok=False, status=err.status, error=err.code or err.type)
+            self._audit.submit(self._audit_event(spec, res), spec.delivery)
         try:
             await send_rejection(self._nc, spec.reply, err, spec.delivery)
         except Exception:
@@ -500,7 +530,8 @@ class ModelRunner:
         self._peak = max(self._peak, len(self._jobs))
 
         def done(t: asyncio.Task[JobResult]) -> None:
-            res = JobResult(key, ok=False) if t.cancelled() else t.result()
+            cancelled = JobResult(key, ok=False, status=499, error="cancelled")
+            res = cancelled if t.cancelled() else t.result()
             self.post(JobFinished(res))
 
         task.add_done_callback(done)

@@ -20,6 +20,7 @@ from nats.js.errors import ServiceUnavailableError
 
 from common import __version__, names
 from common import protocol as p
+from common.audit import WORKER_AUDIT_PREFIX, AuditWriter
 from common.bodies import BodyReader
 from common.natsconn import Throttle, close, connect, flush, jetstream
 from common.queue import ensure_consumer, ensure_stream
@@ -59,6 +60,7 @@ class Worker:
         self.worker_id = names.check_worker_id(settings.worker_id or default_worker_id())
         self.models = models
         self.runners: list[ModelRunner] = []
+        self.audit: AuditWriter | None = None
         self.state = RunnerState.STARTING
         self.started_at = time.time()
         self._started_mono = time.monotonic()
@@ -245,6 +247,9 @@ class Worker:
         async with asyncio.TaskGroup() as tg:
             subs, svc = await self._listen(nc)
             background = [tg.create_task(self._heartbeats())]
+            if s.audit == "on":  # stopped last: it flushes the runners' last events
+                self.audit = AuditWriter(jetstream(nc), WORKER_AUDIT_PREFIX + self.worker_id)
+                background.append(tg.create_task(self.audit.run()))
             if s.metrics_port > 0 and self.telemetry.metrics:
                 bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
                 background.append(
@@ -320,6 +325,7 @@ class Worker:
         s = self.settings
         tasks = []
         bodies = BodyReader(jetstream(nc))
+        audit = self.audit
         for m in self.models:
             runner = ModelRunner(
                 model_id=m.model_id,
@@ -330,6 +336,7 @@ class Worker:
                 settings=s.runner,
                 bodies=bodies,
                 metrics=self._job_metrics if self.telemetry.enabled else None,
+                audit=audit,
             )
             started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             tasks.append(tg.create_task(runner.run(started)))

@@ -84,6 +84,9 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     runner: RunnerSettings = RunnerSettings()
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no /metrics server
+    # on: requests from batch producers (straight over NATS) leave an audit event in
+    # LLMFLEET_AUDIT, under the producer their subject names (gateways audit their own)
+    audit: str = "on"
     # NATS TLS (PEM files; see common.natsconn.tls_context): the CA to check servers
     # against (for NATS only: HTTPS upstreams keep the system store), and a client
     # certificate + key for servers that demand one.

@@ -611,5 +611,5 @@ def test_the_image_build_copies_every_package_the_project_ships() -> None:
     copied = set(
         re.findall(r"^COPY (\w+) \./\1$", (REPO / "deploy" / "Dockerfile").read_text(), re.M)
     )
-    assert top == {"common", "gateway", "worker", "llmfleet"}
+    assert top == {"common", "control", "gateway", "worker", "llmfleet"}
     assert top <= copied, f"deploy/Dockerfile does not copy {sorted(top - copied)}"

@@ -146,6 +146,27 @@ def test_completions(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
     assert r.usage.prompt_tokens == tokenizer.count("The sky is", special=True)
 
 
+def test_completions_without_max_tokens_stop_at_openais_default_of_16(
+    client: openai.OpenAI,
+) -> None:
+    """llama.cpp's own default is to run to the context's end; OpenAI's is 16 tokens."""
+    r = client.completions.create(model=LLM, prompt="Once upon a time", temperature=0)
+    assert r.usage is not None and 0 < r.usage.completion_tokens <= 16, r.usage
+
+
+def test_engine_length_fields_cannot_outrun_max_tokens(client: openai.OpenAI) -> None:
+    """`n_predict` (llama.cpp's own length field) and `ignore_eos` in the body do not let a
+    request run past the `max_tokens` its limits were reserved for."""
+    r = client.chat.completions.create(
+        model=LLM,
+        messages=ASK,  # type: ignore[arg-type]
+        max_tokens=1,
+        temperature=0,
+        extra_body={"n_predict": 1000, "ignore_eos": True},
+    )
+    assert r.usage is not None and r.usage.completion_tokens <= 1, r.usage
+
+
 def test_max_tokens_0_scores_the_prompt_only(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
     r = client.completions.create(model=LLM, prompt="The sky is", max_tokens=0)
     assert r.choices[0].text == "" and r.usage is not None

@@ -51,6 +51,7 @@ from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
 from worker.engines.gguf import GGUFError, read_metadata
+from worker.engines.limits import enforce_limit
 from worker.engines.openai import UpChunk, chunk_output, up_usage
 from worker.engines.scrub import scrub
 from worker.settings import LlamaCppSettings
@@ -197,7 +198,8 @@ class LlamaCppEngine:
         if req.choices() != 1:
             raise InvalidRequest("The llamacpp engine generates one choice (n=1).", param="n")
         server = self._require()
-        return self._run(server.handle_chat_completions, self._body(raw), req.token_limit())
+        limit = req.token_limit()
+        return self._run(server.handle_chat_completions, self._body(raw, limit), limit)
 
     def complete(self, req: CompletionRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
         if req.echo:
@@ -214,7 +216,8 @@ class LlamaCppEngine:
                 param="prompt",
             )
         server = self._require()
-        return self._run(server.handle_completions, self._body(raw), req.token_limit())
+        limit = req.token_limit()
+        return self._run(server.handle_completions, self._body(raw, limit), limit)
 
     async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
         raise InvalidRequest("This model does not serve embeddings.", param="model")
@@ -227,7 +230,7 @@ class LlamaCppEngine:
         return self._server
 
     @staticmethod
-    def _body(raw: bytes) -> dict[str, Any]:
+    def _body(raw: bytes, limit: int | None) -> dict[str, Any]:
         try:
             body = _body_decoder.decode(raw)
         except msgspec.MsgspecError as exc:
@@ -236,7 +239,7 @@ class LlamaCppEngine:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         body.pop("best_of", None)  # best_of <= n (validated): nothing more to sample
-        return body
+        return enforce_limit(body, limit)  # n_predict may not outrun max_tokens
 
     async def _run(
         self,

@@ -54,6 +54,7 @@ from common.protocol import ChoiceDelta, Usage
 from common.telemetry import UPSTREAM_TRACEPARENT
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
 from worker.engines.httppool import ShardedClient
+from worker.engines.limits import enforce_limit
 from worker.engines.scrub import scrub
 from worker.settings import OpenAISettings
 
@@ -382,10 +383,10 @@ class OpenAIEngine:
             await client.aclose()
 
     def chat(self, req: ChatRequest, raw: bytes) -> AsyncGenerator[EngineEvent, None]:
-        return self._stream("/chat/completions", raw)
+        return self._stream("/chat/completions", raw, req.token_limit())
 
     def complete(self, req: CompletionRequest, raw: bytes) -> AsyncGenerator[EngineEvent, None]:
-        return self._stream("/completions", raw)
+        return self._stream("/completions", raw, req.token_limit())
 
     async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
         client = self._require_client()
@@ -420,13 +421,15 @@ class OpenAIEngine:
             raise ServiceUnavailable("the openai engine is not running")
         return self._client.client()
 
-    def _rewrite(self, raw: bytes, *, stream: bool) -> bytes:
-        """The client's body with `model` (and, for streams, `stream*`) set for upstream."""
+    def _rewrite(self, raw: bytes, *, stream: bool, limit: int | None = None) -> bytes:
+        """The client's body with `model` (and, for streams, `stream*`) set for upstream,
+        and `limit` as its only length field (engines/limits.py)."""
         try:
             body = _body_decoder.decode(raw)
         except msgspec.MsgspecError as exc:
             raise InvalidRequest("request body must be a JSON object") from exc
         body["model"] = self._model
+        enforce_limit(body, limit, keep_name=True)
         if stream:
             body["stream"] = True
             opts = body.get("stream_options")
@@ -476,9 +479,11 @@ class OpenAIEngine:
             log.warning("upstream %s answered HTTP %d: %s", self._url, status, text)
         raise upstream_error(status, body, _retry_after(resp), self._secrets)
 
-    async def _stream(self, path: str, raw: bytes) -> AsyncGenerator[EngineEvent, None]:
+    async def _stream(
+        self, path: str, raw: bytes, limit: int | None
+    ) -> AsyncGenerator[EngineEvent, None]:
         client = self._require_client()
-        body = self._rewrite(raw, stream=True)
+        body = self._rewrite(raw, stream=True, limit=limit)
         parser = SSEParser()
         state = _StreamState(self._secrets)
         with self._translate():
