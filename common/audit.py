@@ -29,6 +29,7 @@ AUDIT_SUBJECTS = "llmfleet.audit.>"
 GATEWAY_AUDIT_PREFIX = "llmfleet.audit.gw."
 WORKER_AUDIT_PREFIX = "llmfleet.audit.wk."
 DAY_S = 86_400.0
+DUPLICATE_WINDOW_S = 15.0
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,9 @@ def stream_config(settings: AuditSettings) -> StreamConfig:
         max_bytes=settings.max_bytes,
         max_msg_size=64 * 1024,
         num_replicas=settings.replicas,
-        duplicate_window=120.0,
+        # Retries come within seconds (RETRIES x ACK_TIMEOUT_S): a short window keeps the
+        # broker's table of seen message ids small at thousands of events a second.
+        duplicate_window=DUPLICATE_WINDOW_S,
     )
 
 
@@ -118,7 +121,11 @@ async def ensure_audit_stream(js: JetStreamContext, settings: AuditSettings) -> 
         except NATS_ERRORS:
             info = await js.stream_info(AUDIT_STREAM)  # another process created it first
     cur = info.config
-    if cur.max_age != config.max_age or cur.max_bytes != config.max_bytes:
+    if (cur.max_age, cur.max_bytes, cur.duplicate_window) != (
+        config.max_age,
+        config.max_bytes,
+        config.duplicate_window,
+    ):
         await js.update_stream(config)
 
 
