@@ -259,12 +259,30 @@ async def open_client(
 ) -> NATS:
     """A connected `StrictTLSClient`: `options` are nats-py's `connect()` arguments; `tls`
     (from `tls_context`) also makes TLS required for nats:// servers. Raises what nats-py
-    raises, and TLSRequiredError (above)."""
+    raises, and TLSRequiredError (above). A connect that fails or is cancelled (a
+    caller's timeout) leaves no socket behind."""
     nc = StrictTLSClient(tls_everywhere=tls is not None)
     if tls is not None:
         options["tls"] = tls
-    await nc.connect(servers, **options)
+    try:
+        await nc.connect(servers, **options)
+    except BaseException:
+        await discard(nc)
+        raise
     return nc
+
+
+async def discard(nc: NATS) -> None:
+    """Close without draining, never raising. A connect cancelled between two of nats-py's
+    retries leaves the client marked closed with its socket open (its close() then does
+    nothing): that socket is closed too."""
+    with contextlib.suppress(nats.errors.Error, TimeoutError, OSError, RuntimeError):
+        await nc.close()
+    transport = getattr(nc, "_transport", None)
+    if transport is not None:
+        transport.close()
+        with contextlib.suppress(OSError, RuntimeError, AttributeError):
+            await transport.wait_closed()
 
 
 # ---- the components' connection ---------------------------------------------------------

@@ -103,22 +103,33 @@ class Keyring:
         """One KV entry (None: deleted)."""
         self.changes += 1
         if key == PRICES_KEY:
-            table = self._prices(value)
-            self.prices_ok = table is not None
-            self.prices = table or self.prices  # the last good table stays
-            return
-        if not key.startswith(KEY_PREFIX):
-            return
-        name = key[len(KEY_PREFIX) :]
-        records = dict(self._records)
-        record = decode_record(value) if value else None
-        if value and record is None:
+            self._set_prices(self._prices(value))
+        elif key.startswith(KEY_PREFIX):
+            name = key[len(KEY_PREFIX) :]
+            records = dict(self._records)
+            record = self._record(key, value)
+            if record is None:
+                records.pop(name, None)
+            else:
+                records[name] = record
+            self._replace(records)
+
+    @staticmethod
+    def _record(key: str, value: bytes | None) -> KeyRecord | None:
+        """The key entry `key` holds; None when deleted, malformed or misnamed."""
+        if not value:
+            return None
+        record = decode_record(value)
+        if record is None or KEY_PREFIX + record.name != key:
             log.warning("ignoring a malformed key entry %s (treated as deleted)", key)
-        if record is None or record.name != name:
-            records.pop(name, None)
-        else:
-            records[name] = record
-        self._replace(records)
+            return None
+        return record
+
+    def _set_prices(self, table: PriceTable | None) -> None:
+        """A new price table; None (untrusted): the last good one stays, and cost budgets
+        refuse until a good one comes."""
+        self.prices_ok = table is not None
+        self.prices = table or self.prices
 
     @staticmethod
     def _prices(value: bytes | None) -> PriceTable | None:
@@ -235,16 +246,11 @@ class Keyring:
         """Replace the whole copy with a fresh read (after a restart: deletions that
         happened meanwhile take effect too)."""
         records: dict[str, KeyRecord] = {}
-        prices: PriceTable | None = PriceTable()
         for key, value in entries.items():
-            if key == PRICES_KEY:
-                prices = self._prices(value)
-            elif key.startswith(KEY_PREFIX) and value:
-                record = decode_record(value)
-                if record is not None and record.name == key[len(KEY_PREFIX) :]:
-                    records[record.name] = record
-        self.prices_ok = prices is not None
-        self.prices = prices or self.prices
+            record = self._record(key, value) if key.startswith(KEY_PREFIX) else None
+            if record is not None:
+                records[record.name] = record
+        self._set_prices(self._prices(entries.get(PRICES_KEY)))
         self._replace(records)
         self.ready.set()
         log.info("keys loaded: %d", len(self._records))

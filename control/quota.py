@@ -51,7 +51,6 @@ _LEDGER_ERRORS: tuple[type[Exception], ...] = (
 )
 FULL_CACHE_S = 0.05  # a full ledger is not asked again for as much within this
 MAX_TRIES = 64  # leases one admission may wait for (others may spend each one first)
-DIMS = ("rpm", "tpm", "par", "btok", "bcost")
 WINDOWED = ("rpm", "tpm")
 
 
@@ -104,7 +103,6 @@ class Ticket:
 
     record: KeyRecord
     taken: dict[str, int]  # ledger key -> units
-    period: str
     lots: dict[str, list[tuple[int, int]]] = field(default_factory=dict)  # windows: from where
     cost_per: Callable[[int, int], int] | None = None
     settled: bool = False
@@ -177,7 +175,7 @@ class Quota:
         used = self.clock()
         for lkey in taken:  # only an admission counts as use (see sweep: idle leases)
             self._leases[lkey].last_used = used
-        ticket = Ticket(record, taken, period, lots, cost_per)
+        ticket = Ticket(record, taken, lots, cost_per)
         ticket.headers = self.headers(record, now)
         return ticket
 
@@ -297,8 +295,12 @@ class Quota:
             if units == 0:
                 break
 
+    def _chunk(self, limit: int) -> int:
+        """The most a lease takes (beyond what one request needs) or keeps once idle."""
+        return max(1, int(limit * self.settings.lease_fraction))
+
     def _want(self, dim: str, need: int, limit: int) -> int:
-        chunk = max(1, int(limit * self.settings.lease_fraction))
+        chunk = self._chunk(limit)
         if dim == "par":
             return need
         if dim == "rpm":
@@ -386,7 +388,7 @@ class Quota:
 
     # ---- settle -------------------------------------------------------------------------
 
-    def settle(self, ticket: Ticket, prompt: int, completion: int, ok: bool = True) -> None:
+    def settle(self, ticket: Ticket, prompt: int, completion: int) -> None:
         """The request ended having used `prompt` + `completion` tokens: give back what it
         reserved beyond that, charge what it used beyond the reservation, record usage.
         Synchronous; ledger writes happen in the sweeper. Idempotent."""
@@ -472,8 +474,8 @@ class Quota:
                 if lease.held == 0 and lease.outstanding == 0 and now - lease.last_used > 10 * idle:
                     self._leases.pop(lkey, None)
                 continue
-            cap = max(1, int(lease.limit * self.settings.lease_fraction))
-            excess = lease.balance if now - lease.last_used >= idle else lease.balance - cap
+            keep = 0 if now - lease.last_used >= idle else self._chunk(lease.limit)
+            excess = lease.balance - keep
             if dim in WINDOWED:
                 # Lots about to leave the window are gone from the ledger: drop them.
                 oldest = int(now) - L.WINDOW_S

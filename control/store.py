@@ -59,24 +59,24 @@ class KeyMissing(ControlError):
         self.name = name
 
 
-def keys_config(replicas: int = 1) -> KeyValueConfig:
-    # File storage: keys outlive a broker restart. History 5: a little to inspect.
+def _kv_config(bucket: str, description: str, history: int, replicas: int) -> KeyValueConfig:
     return KeyValueConfig(
-        bucket=KEYS_BUCKET,
-        description="llmfleet virtual keys (hashes only) and prices",
-        history=5,
-        storage=StorageType.FILE,
+        bucket=bucket,
+        description=description,
+        history=history,
+        storage=StorageType.FILE,  # outlives a broker restart
         replicas=replicas,
     )
 
 
+def keys_config(replicas: int = 1) -> KeyValueConfig:
+    # History 5: a little to inspect after a change.
+    return _kv_config(KEYS_BUCKET, "llmfleet virtual keys (hashes only) and prices", 5, replicas)
+
+
 def quota_config(replicas: int = 1) -> KeyValueConfig:
-    return KeyValueConfig(
-        bucket=QUOTA_BUCKET,
-        description="llmfleet fleet-wide rate limits, budgets and usage",
-        history=1,
-        storage=StorageType.FILE,
-        replicas=replicas,
+    return _kv_config(
+        QUOTA_BUCKET, "llmfleet fleet-wide rate limits, budgets and usage", 1, replicas
     )
 
 

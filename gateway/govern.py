@@ -20,7 +20,6 @@ cannot overrun either.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import msgspec
@@ -29,7 +28,7 @@ from common import audit
 from common.audit import AuditEvent, AuditUnavailable, AuditWriter
 from common.errors import RateLimited, ServiceUnavailable
 from common.telemetry import Telemetry
-from control.keys import cost_micros
+from control.keys import Price, cost_micros
 from control.quota import Quota, Ticket
 from gateway.auth import Authenticator, Principal, model_not_found
 from gateway.catalog import Catalog
@@ -119,15 +118,14 @@ class Governor:
             most = self.reserve_tokens * parsed.n
             parsed = _with_max_tokens(parsed, self.reserve_tokens)
         tokens = len(parsed.body) + (most or 0)
-        price = None
-        if record.budget_cost is not None and self.auth.keyring is not None:
-            if not self.auth.keyring.prices_ok:  # fail closed: not "every request is free"
-                raise ServiceUnavailable(
-                    "The price table cannot be read, so cost budgets cannot be checked.",
-                    code="limits_unavailable",
-                    retry_after=5.0,
-                )
-            price = self.auth.keyring.prices.price(parsed.model)
+        keyring = self.auth.keyring
+        if record.budget_cost is not None and keyring is not None and not keyring.prices_ok:
+            raise ServiceUnavailable(  # fail closed: not "every request is free"
+                "The price table cannot be read, so cost budgets cannot be checked.",
+                code="limits_unavailable",
+                retry_after=5.0,
+            )
+        price = self._price(parsed.model)
         cost = cost_micros(price, len(parsed.body), most or 0)
 
         def cost_per(prompt: int, completion: int) -> int:
@@ -151,11 +149,13 @@ class Governor:
         if ticket is not None:
             self.quota.settle(ticket, prompt, completion)
         elif principal is not None and principal.record is not None and model:
-            price = None
-            if self.auth.keyring is not None:
-                price = self.auth.keyring.prices.price(model)
-            cost = cost_micros(price, prompt, completion)
+            cost = cost_micros(self._price(model), prompt, completion)
             self.quota.record_usage(principal.name, prompt, completion, cost)
+
+    def _price(self, model: str) -> Price | None:
+        """The model's price (usage cost for every key; cost budgets spend it)."""
+        keyring = self.auth.keyring
+        return None if keyring is None else keyring.prices.price(model)
 
     # ---- the per-key share of a model's queue -------------------------------------------
 
@@ -289,7 +289,3 @@ def _with_max_tokens(parsed: Parsed, max_tokens: int) -> Parsed:
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -172,7 +172,9 @@ class Call:
         gov.check_audit()
         body = await read_body(self.scope, self.receive, app.limits.max_body_bytes)
         # A default model the key may not run is no default for it (not even its name).
-        default = app.default_model if principal.may_run(app.default_model or "") else None
+        default = app.default_model
+        if default is not None and not principal.may_run(default):
+            default = None
         parsed = parse(self.op, body, app.limits, default)
         self.rec.stream = parsed.stream
         self.asked_model = parsed.model

@@ -30,7 +30,7 @@ import nats.errors
 from rich.console import Console
 
 from common import names
-from common.natsconn import NATS_ERRORS, StrictTLSClient, TLSRequiredError, redact_url
+from common.natsconn import NATS_ERRORS, TLSRequiredError, discard, open_client, redact_url
 from control.store import ControlError
 
 CONNECT_WAIT_S = 3.0
@@ -95,20 +95,15 @@ async def admin_session(target: Target) -> AsyncIterator[Any]:
         "reconnect_time_wait": 0.5,
         "error_cb": on_error,
     }
-    if target.tls is not None:
-        options["tls"] = target.tls
     if target.creds:
         options["user_credentials"] = target.creds
-    nc = StrictTLSClient(tls_everywhere=target.tls is not None)
     urls = [u.strip() for u in target.url.split(",") if u.strip()]
     try:
         async with asyncio.timeout(CONNECT_WAIT_S) as scope:
-            await nc.connect(urls, **options)
+            nc = await open_client(urls, tls=target.tls, **options)
     except TLSRequiredError as exc:
-        await _close(nc)
         raise AdminError(str(exc).removeprefix("nats: ")) from None
     except (TimeoutError, OSError, nats.errors.Error) as exc:
-        await _close(nc)
         if refused:
             raise AdminError(f"{where}: {refused[-1]}") from None
         raise AdminError(f"cannot reach the NATS server at {where}") from exc
@@ -126,19 +121,7 @@ async def admin_session(target: Target) -> AsyncIterator[Any]:
             raise AdminError(refused[-1]) from None
         raise AdminError(f"NATS: {type(exc).__name__} {exc}".strip()) from None
     finally:
-        await _close(nc)
-
-
-async def _close(nc: Any) -> None:
-    with contextlib.suppress(*NATS_ERRORS, OSError, RuntimeError):
-        await nc.close()
-    # A connect cancelled between two of nats-py's retries leaves the client marked closed
-    # with its socket open (its close() then does nothing): close that socket too.
-    transport = getattr(nc, "_transport", None)
-    if transport is not None:
-        transport.close()
-        with contextlib.suppress(OSError, RuntimeError, AttributeError):
-            await transport.wait_closed()
+        await discard(nc)
 
 
 # ---- output ------------------------------------------------------------------------------
