@@ -6,7 +6,7 @@ the subject (never a header) says who sent it. The payload is the OpenAI request
 exactly as it would be POSTed, and these headers describe it:
 
     Llmfleet-Version        "2"
-    Llmfleet-Op             chat | completion | embedding
+    Llmfleet-Op             chat | completion | embedding | count_tokens
     Llmfleet-Request-Id     the producer's id (also sent as Nats-Msg-Id: a re-publish is
                             deduplicated); echoed back, and named by `cancel`
     Llmfleet-Reply          where the reply stream goes: inside `_LLMFLEET.r.<producer>.`
@@ -54,7 +54,9 @@ H_TRACEPARENT = "traceparent"
 H_MSG_ID = "Nats-Msg-Id"
 H_BODY_REF = "Llmfleet-Body-Ref"
 
-OPS = ("chat", "completion", "embedding")
+OPS = ("chat", "completion", "embedding", "count_tokens")
+"""`count_tokens`: the payload is a chat body; the reply is `accepted` then `done` whose
+`usage.prompt_tokens` is the prompt's size in the model's tokens (no content)."""
 
 
 class Usage(msgspec.Struct):
@@ -77,6 +79,13 @@ class ChoiceDelta(msgspec.Struct, omit_defaults=True):
     tool_calls: list[dict[str, Any]] | None = None
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    # The stop sequence that ended the choice (with finish_reason "stop"), when known.
+    stop_sequence: str | None = None
+    # Ends the current reasoning block with its signature (Anthropic's extended thinking:
+    # a client must send it back with the block); `redacted_reasoning` is a whole
+    # redacted block (opaque data). Engines without them never set these.
+    reasoning_signature: str | None = None
+    redacted_reasoning: str | None = None
 
 
 class Accepted(msgspec.Struct, tag="accepted", tag_field="type", omit_defaults=True, kw_only=True):

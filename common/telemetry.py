@@ -390,7 +390,13 @@ def gen_ai_operation(op: str) -> str:
     return _GEN_AI_OPS.get(op, op)
 
 
-_GEN_AI_OPS = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings"}
+_GEN_AI_OPS = {
+    "chat": "chat",
+    "messages": "chat",
+    "responses": "chat",
+    "completion": "text_completion",
+    "embedding": "embeddings",
+}
 
 
 # ---- a tiny /metrics HTTP server (workers) ------------------------------------------------

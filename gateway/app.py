@@ -7,8 +7,9 @@ wait for a worker, answer, finish); everything else here is a small synchronous 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from common.apis.anthropic import error_envelope as anthropic_envelope
 from common.errors import (
     FleetError,
     InternalError,
@@ -21,6 +22,9 @@ from gateway import render
 from gateway.auth import Authenticator, Principal, model_not_found
 from gateway.catalog import Catalog, ModelEntry
 from gateway.dispatch import Dispatcher
+from gateway.front_messages import CountTokensFront, MessagesFront
+from gateway.front_responses import ResponsesFront, serve_stored
+from gateway.fronts import OPENAI_FRONTS, Front
 from gateway.govern import Governor
 from gateway.http import (
     Message,
@@ -28,12 +32,16 @@ from gateway.http import (
     Scope,
     Send,
     header,
+    openai_envelope,
     send_error,
     send_json,
 )
 from gateway.observe import GatewayMetrics
 from gateway.request import Call
 from gateway.settings import Limits
+
+if TYPE_CHECKING:
+    from gateway.responses_store import ResponseStore
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,8 @@ _OPS = {
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
 }
+_MESSAGES = "/v1/messages"
+_RESPONSES = "/v1/responses"
 
 
 class GatewayApp:
@@ -59,8 +69,10 @@ class GatewayApp:
         cors_origins: tuple[str, ...] = (),
         resume_on_failure: bool = False,
         telemetry: Telemetry | None = None,
+        responses: ResponseStore | None = None,
     ) -> None:
         self.telemetry = telemetry or Telemetry.off()
+        self.responses = responses  # stored Responses API responses (None: not kept)
         self.metrics = GatewayMetrics(self.telemetry)
         self.cors_origins = cors_origins
         self.resume_on_failure = resume_on_failure
@@ -88,25 +100,31 @@ class GatewayApp:
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
                 return
+        # Anthropic's routes answer every error in Anthropic's envelope.
+        envelope = anthropic_envelope if path.startswith(_MESSAGES) else openai_envelope
         try:
             await self._route(path, method, scope, receive, send)
         except FleetError as err:
             self.stats.count_status(err.status)
-            await send_error(send, err)
+            await send_error(send, err, envelope=envelope)
         except Exception:
             log.exception("unhandled error on %s %s", method, path)
             self.stats.server_errors += 1
-            await send_error(send, InternalError("The gateway failed to handle the request."))
+            internal = InternalError("The gateway failed to handle the request.")
+            await send_error(send, internal, envelope=envelope)
 
     async def _route(
         self, path: str, method: str, scope: Scope, receive: Receive, send: Send
     ) -> None:
         """One branch per route; errors are answered by `__call__`."""
-        op = _OPS.get(path.rstrip("/"))
-        if op is not None:
+        route = path.rstrip("/")
+        front = self._front(route)
+        if front is not None:
             if method != "POST":
                 raise MethodNotAllowed(f"Use POST for {path}.")
-            await Call(self, op, scope, receive, send).serve()
+            await Call(self, front, scope, receive, send).serve()
+        elif route.startswith(_RESPONSES + "/"):
+            await serve_stored(self, method, route[len(_RESPONSES) + 1 :], scope, send)
         elif path in ("/healthz", "/health"):  # /health: what llama.cpp and vLLM probe
             await send_json(send, 200, b'{"status":"ok"}')
         elif path == "/metrics":  # it names every model: a token when auth is on
@@ -138,12 +156,28 @@ class GatewayApp:
         else:
             raise NotFound(f"Unknown path {path}.")
 
+    def _front(self, route: str) -> Front | None:
+        """The API an inference route speaks (one front per request: it may keep state)."""
+        op = _OPS.get(route)
+        if op is not None:
+            return OPENAI_FRONTS[op]
+        if route == _MESSAGES:
+            return MessagesFront()
+        if route == _MESSAGES + "/count_tokens":
+            return CountTokensFront()
+        if route == _RESPONSES:
+            return ResponsesFront(self.responses)
+        return None
+
     def snapshot_stats(self) -> dict[str, Any]:
         """`GET /stats`: the counters (`gateway/stats.py`) and the fleet as the catalog sees it."""
         snap = self.catalog.snapshot
         return {
             **self.stats.snapshot(self.dispatcher.mux.open_streams).as_document(),
             "governance": self.governor.stats(),
+            "responses": None
+            if self.responses is None
+            else {"stored": self.responses.stored, "store_failures": self.responses.failed},
             "fleet": {
                 "workers": len(snap.workers),
                 "models": {
@@ -211,10 +245,11 @@ def _with_cors(send: Send, origin: str | None, allowed: tuple[str, ...]) -> Send
         return send
     extra = [
         (b"access-control-allow-origin", origin.encode("latin-1")),
-        (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+        (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
         (
             b"access-control-allow-headers",
-            b"authorization, content-type, x-api-key, x-llmfleet-timeout",
+            b"authorization, content-type, x-api-key, x-llmfleet-timeout, anthropic-version, "
+            b"anthropic-beta, anthropic-dangerous-direct-browser-access",
         ),
         (
             b"access-control-expose-headers",

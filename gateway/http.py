@@ -69,7 +69,19 @@ def error_headers(err: FleetError) -> list[tuple[bytes, bytes]]:
     return out
 
 
+Envelope = Callable[[FleetError], tuple[int, bytes]]
+"""An API's error envelope: (the status its clients see, the body)."""
+
+
+def openai_envelope(err: FleetError) -> tuple[int, bytes]:
+    return err.status, envelope_bytes(err)
+
+
 async def send_error(
-    send: Send, err: FleetError, extra: list[tuple[bytes, bytes]] | None = None
+    send: Send,
+    err: FleetError,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    envelope: Envelope = openai_envelope,
 ) -> None:
-    await send_json(send, err.status, envelope_bytes(err), [*error_headers(err), *(extra or [])])
+    status, body = envelope(err)
+    await send_json(send, status, body, [*error_headers(err), *(extra or [])])

@@ -27,6 +27,9 @@ class ChunkDelta(msgspec.Struct, omit_defaults=True):
     reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     refusal: str | UnsetType | None = UNSET
+    # A finished Anthropic thinking block's signature, or a redacted block (LiteLLM's
+    # name): clients send them back on the assistant message (common/apis/design.md).
+    thinking_blocks: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
@@ -123,11 +126,13 @@ class StreamRenderer:
                 or d.tool_calls
             )
             if self.chat:
-                if has_body or d.logprobs is not None:
+                blocks = thinking_blocks(d, "")
+                if has_body or d.logprobs is not None or blocks:
                     cd = ChunkDelta(
                         content=d.content or None,
                         reasoning_content=d.reasoning_content,
                         tool_calls=d.tool_calls,
+                        thinking_blocks=blocks,
                     )
                     if d.refusal is not None:
                         cd.refusal = d.refusal
@@ -171,13 +176,38 @@ class StreamRenderer:
 # ---- non-streaming ---------------------------------------------------------------------
 
 
+def thinking_blocks(d: p.ChoiceDelta, thinking: str) -> list[dict[str, Any]] | None:
+    """The thinking blocks a delta closes: a signed one (its text is `thinking`, the
+    reasoning since the last block), a redacted one."""
+    if d.reasoning_signature is None and d.redacted_reasoning is None:
+        return None
+    blocks: list[dict[str, Any]] = []
+    if d.reasoning_signature is not None:
+        sig = d.reasoning_signature
+        blocks.append({"type": "thinking", "thinking": thinking, "signature": sig})
+    if d.redacted_reasoning is not None:
+        blocks.append({"type": "redacted_thinking", "data": d.redacted_reasoning})
+    return blocks
+
+
 class _ChoiceAcc:
-    __slots__ = ("content", "finish_reason", "logprobs", "reasoning", "refusal", "tool_calls")
+    __slots__ = (
+        "block_start",
+        "blocks",
+        "content",
+        "finish_reason",
+        "logprobs",
+        "reasoning",
+        "refusal",
+        "tool_calls",
+    )
 
     def __init__(self) -> None:
         self.content: list[str] = []
         self.refusal: list[str] | None = None
         self.reasoning: list[str] | None = None
+        self.blocks: list[dict[str, Any]] = []  # thinking blocks (signed or redacted)
+        self.block_start = 0  # reasoning pieces before it belong to earlier blocks
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
         self.logprobs: dict[str, Any] | None = None
@@ -215,6 +245,10 @@ class Assembler:
                 acc.content.append(d.content)
             if d.reasoning_content is not None:
                 acc.reasoning = [*(acc.reasoning or []), d.reasoning_content]
+            if d.reasoning_signature is not None or d.redacted_reasoning is not None:
+                pieces = acc.reasoning or []
+                acc.blocks.extend(thinking_blocks(d, "".join(pieces[acc.block_start :])) or [])
+                acc.block_start = len(pieces)
             if d.refusal is not None:
                 acc.refusal = [*(acc.refusal or []), d.refusal]
             for tc in d.tool_calls or []:
@@ -242,6 +276,8 @@ class Assembler:
             }
             if acc.reasoning is not None:
                 message["reasoning_content"] = "".join(acc.reasoning)
+            if acc.blocks:
+                message["thinking_blocks"] = acc.blocks
             if acc.tool_calls:
                 message["tool_calls"] = [acc.tool_calls[k] for k in sorted(acc.tool_calls)]
             choices.append(

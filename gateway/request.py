@@ -33,9 +33,9 @@ from common.errors import FleetError, InternalError
 from common.logs import bind
 from common.telemetry import gen_ai_operation
 from control.quota import Ticket
-from gateway import render
 from gateway.auth import Principal
 from gateway.dispatch import Submission
+from gateway.fronts import Front, Renderer
 from gateway.govern import ms
 from gateway.http import (
     SSE_HEADERS,
@@ -50,7 +50,7 @@ from gateway.http import (
 )
 from gateway.observe import CLIENT_CLOSED, MODEL, RequestRecord
 from gateway.resume import ResumingReplies
-from gateway.validate import Parsed, parse
+from gateway.validate import Parsed
 
 if TYPE_CHECKING:
     from gateway.app import GatewayApp
@@ -98,9 +98,10 @@ class Call:
     """One `/v1` inference request. `serve()` runs it to the end and never raises a
     `FleetError`: every failure becomes the right response (or error event)."""
 
-    def __init__(self, app: GatewayApp, op: str, scope: Scope, receive: Receive, send: Send):
+    def __init__(self, app: GatewayApp, front: Front, scope: Scope, receive: Receive, send: Send):
         self.app = app
-        self.op = op
+        self.front = front
+        self.op = op = front.route
         self.scope = scope
         self.receive = receive
         self.send = send
@@ -139,7 +140,7 @@ class Call:
                 sub = await self._publish(parsed)
             except FleetError as err:
                 self._failed(err.status, err.code or err.type)
-                await send_error(self.send, err, self.headers)
+                await send_error(self.send, err, self.headers, self.front.envelope)
                 return
             except ClientGone:
                 app.stats.disconnects += 1
@@ -175,7 +176,7 @@ class Call:
         default = app.default_model
         if default is not None and not principal.may_run(default):
             default = None
-        parsed = parse(self.op, body, app.limits, default)
+        parsed = await self.front.parse(body, app.limits, default, principal)
         self.rec.stream = parsed.stream
         self.asked_model = parsed.model
         gov.check_model(principal, parsed.model, app.catalog)
@@ -234,16 +235,15 @@ class Call:
             timeout_s=sub.timeout_s,
             trace_context=None if span is None else trace.set_span_in_context(span),
         )
-        renderer: render.StreamRenderer | None = None
+        renderer = self.front.renderer(parsed, self.rid, int(time.time()))
         try:
             await sub.first()
             self._leave_queue()
             bind(worker=sub.worker)
             if parsed.stream:
-                renderer = self._renderer(parsed)
                 await self._stream(parsed, renderer, replies, sub)
             else:
-                await self._collect(parsed, replies)
+                await self._collect(renderer, replies)
         except FleetError as err:
             await self._fail(err, renderer, err.code or err.type)
         except Exception:
@@ -255,20 +255,10 @@ class Call:
             self.rec.worker_model = replies.current.model
             await replies.close()
 
-    def _renderer(self, parsed: Parsed) -> render.StreamRenderer:
-        prefix = "chatcmpl-" if parsed.op == "chat" else "cmpl-"
-        return render.StreamRenderer(
-            op=parsed.op,
-            rid=prefix + self.rid,
-            created=int(time.time()),
-            model=parsed.model,
-            include_usage=parsed.include_usage,
-        )
-
     async def _stream(
         self,
         parsed: Parsed,
-        renderer: render.StreamRenderer,
+        renderer: Renderer,
         replies: ResumingReplies,
         sub: Submission,
     ) -> None:
@@ -290,6 +280,7 @@ class Call:
                 self.rec.tokens_in = msg.usage.prompt_tokens
                 self.rec.tokens_out = msg.usage.completion_tokens
                 self.done = True
+                await self.front.completed(renderer, msg.usage)
                 await self._audit_gate(sub)
                 await self.send({"type": "http.response.body", "body": b"".join(unsent)})
                 self.app.stats.ok += 1
@@ -303,30 +294,24 @@ class Call:
                 await self.send({"type": "http.response.body", "body": body, "more_body": True})
             msg = await replies.next()
 
-    async def _collect(self, parsed: Parsed, replies: ResumingReplies) -> None:
+    async def _collect(self, renderer: Renderer, replies: ResumingReplies) -> None:
         """One JSON body: the whole answer, assembled."""
-        acc = render.Assembler(parsed.n)
         while True:
             msg = await replies.next()
             if isinstance(msg, p.Delta):
                 if self.rec.first_at is None:
                     self.rec.first_at = time.perf_counter()
                 self._seen(msg)
-                acc.add(msg)
+                renderer.collect(msg)
             elif isinstance(msg, p.Embedding):
-                acc.add_embedding(msg)
+                renderer.collect(msg)
             else:
                 break
         usage = msg.usage
         self.rec.tokens_in, self.rec.tokens_out = usage.prompt_tokens, usage.completion_tokens
         self.done = True
-        created = int(time.time())
-        if parsed.op == "chat":
-            body = acc.chat_body("chatcmpl-" + self.rid, created, parsed.model, usage)
-        elif parsed.op == "completion":
-            body = acc.completion_body("cmpl-" + self.rid, created, parsed.model, usage)
-        else:
-            body = acc.embedding_body(parsed.model, usage)
+        body = renderer.body(usage)
+        await self.front.completed(renderer, usage)
         await self._audit_gate(replies.current)
         self.app.stats.ok += 1
         await send_json(self.send, 200, body, [*self.headers, *worker_headers(replies.current)])
@@ -343,7 +328,10 @@ class Call:
 
     def _charged(self) -> tuple[int, int]:
         """(prompt, completion) tokens its key is charged: the worker's usage; without
-        one, after a worker took it, the prompt's bound and the output seen."""
+        one, after a worker took it, the prompt's bound and the output seen. A front
+        that does not charge (counting tokens) costs none."""
+        if not self.front.charges:
+            return 0, 0
         prompt, completion = self.rec.tokens_in, self.rec.tokens_out
         if not self.done and self.rec.accepted_at is not None:
             prompt = max(prompt, self.prompt_bound)
@@ -390,15 +378,13 @@ class Call:
         self.app.stats.count_status(status)
         self.rec.fail(status, code)
 
-    async def _fail(
-        self, err: FleetError, renderer: render.StreamRenderer | None, code: str
-    ) -> None:
+    async def _fail(self, err: FleetError, renderer: Renderer, code: str) -> None:
         """Before the response started: the error with its status; after: one SSE error
         event and `[DONE]` (the status, 200, is already out)."""
         self.app.stats.count_status(err.status)
         self.rec.fail(200 if self.started else err.status, code)
         if not self.started:
-            await send_error(self.send, err, self.headers)
-        elif renderer is not None:
-            body = b"".join(self.unsent) + renderer.fail(err.body())
+            await send_error(self.send, err, self.headers, self.front.envelope)
+        else:
+            body = b"".join(self.unsent) + renderer.fail(err)
             await self.send({"type": "http.response.body", "body": body})

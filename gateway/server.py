@@ -44,6 +44,7 @@ from gateway.edge import EdgeConfig, EdgeCounters
 from gateway.govern import Governor
 from gateway.mux import ReplyMux
 from gateway.observe import observe_gateway
+from gateway.responses_store import ResponseStore
 from gateway.settings import GatewaySettings, auth_mode, parse_listen
 from gateway.stats import GatewayCounters
 
@@ -105,6 +106,7 @@ class Gateway:
         self.quota: Quota | None = None
         self.clock: BrokerClock | None = None
         self.audit: AuditWriter | None = None
+        self.responses: ResponseStore | None = None
 
     def announcement(self, catalog: Catalog, state: str) -> p.GatewayAnnounce:
         """This gateway for operators: `llmfleet.gwhb.<gateway>` (see common/protocol.py)."""
@@ -172,6 +174,7 @@ class Gateway:
             await ensure_stream(js, s.queue, update=True)
             await ensure_buckets(js, s.producer_buckets, self._body_settings())
             await self._govern(nc, js)
+            await self._open_responses(nc, js)
             await self._serve(nc, js, catalog, ready)
         finally:
             await close(nc)
@@ -200,6 +203,21 @@ class Gateway:
                 ),
             )
             self.audit = AuditWriter(js, GATEWAY_AUDIT_PREFIX + self.gateway_id)
+
+    async def _open_responses(self, nc: Any, js: Any) -> None:
+        """Stored responses (/v1/responses): the KV bucket, created when missing; its parts
+        fit this broker's max_payload. StoreUnavailable stops the start (an accounts.conf
+        without the bucket's rights: grant them, or --responses-store off)."""
+        s = self.settings
+        if s.responses != "on":
+            return
+        self.responses = await ResponseStore.open(
+            js,
+            ttl_s=s.responses_ttl_s,
+            max_bytes=s.responses_max_bytes,
+            replicas=s.queue.replicas,
+            max_payload=nc.max_payload,
+        )
 
     async def _read_keys(self, tg: asyncio.TaskGroup, js: Any) -> list[asyncio.Task[None]]:
         """Start the control layer's tasks; with virtual keys, serve only once the keys
@@ -321,6 +339,7 @@ class Gateway:
             cors_origins=s.cors_origins,
             resume_on_failure=s.resume_on_failure,
             telemetry=self.telemetry,
+            responses=self.responses,
         )
         observe_gateway(
             self.telemetry,

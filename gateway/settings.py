@@ -54,6 +54,12 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     audit_required: bool = False  # a request whose audit event cannot be stored fails
     audit_retention_days: float = 30.0
     audit_max_bytes: int = -1  # the audit stream's size cap (oldest events go first); -1: none
+    # Stored responses (/v1/responses with `store`) in KV bucket LLMFLEET_RESPONSES
+    # (gateway/responses_store.py): on | off; kept this many seconds; the bucket's size cap
+    # (the oldest responses go first); -1: none.
+    responses: str = "on"
+    responses_ttl_s: float = 30 * 86400.0
+    responses_max_bytes: int = -1
     # Reserved completion tokens for a request that sets no max tokens, under a key that
     # counts tokens (tpm, budgets); it then runs with this max_tokens.
     reserve_tokens: int = 4096
@@ -104,6 +110,12 @@ def check_gateway(settings: GatewaySettings) -> None:
         raise ValueError(f"--reserve-tokens must be at least 1, not {settings.reserve_tokens}")
     if not settings.audit_retention_days > 0:
         raise ValueError("--audit-retention must be positive")
+    if not settings.responses_ttl_s > 0:
+        raise ValueError(f"--responses-ttl must be positive, not {settings.responses_ttl_s}")
+    if settings.responses_max_bytes < -1 or settings.responses_max_bytes == 0:
+        raise ValueError(
+            f"--responses-max-bytes must be positive or -1, not {settings.responses_max_bytes}"
+        )
 
 
 def auth_mode(settings: GatewaySettings) -> str:

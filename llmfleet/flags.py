@@ -120,6 +120,19 @@ GATEWAY_FLAGS = (
         "size cap of the audit stream, oldest events dropped first (-1: none)",
     ),
     Flag(
+        "--responses-store",
+        "responses",
+        "on: keep /v1/responses answers (store: true, the default) in the LLMFLEET_RESPONSES "
+        "KV bucket, for previous_response_id and GET /v1/responses/{id}",
+        choices=("on", "off"),
+    ),
+    Flag("--responses-ttl", "responses_ttl_s", "seconds a stored response is kept"),
+    Flag(
+        "--responses-max-bytes",
+        "responses_max_bytes",
+        "size cap of the stored responses, oldest dropped first (-1: none)",
+    ),
+    Flag(
         "--reserve-tokens",
         "reserve_tokens",
         "completion tokens reserved (and set as max_tokens) for a request with no max tokens "
@@ -254,11 +267,17 @@ SIM_FLAGS = (
     Flag("--sim-tokens", "engine.sim.tokens", "output tokens when the request sets no limit"),
 )
 OPENAI_FLAGS = (
-    Flag("--upstream", "engine.openai.base_url", "upstream base URL"),
+    Flag(
+        "--upstream",
+        "engine.openai.base_url",
+        "upstream base URL (empty: http://127.0.0.1:8000/v1 for --engine openai, "
+        "https://api.anthropic.com for --engine anthropic)",
+    ),
     Flag(
         "--upstream-api-key",
         "engine.openai.api_key",
-        "API key for the upstream (stays on the worker)",
+        "API key for the upstream (stays on the worker; the anthropic engine sends it "
+        "as x-api-key)",
     ),
     Flag(
         "--upstream-model",
@@ -269,6 +288,12 @@ OPENAI_FLAGS = (
         "--upstream-wait",
         "engine.openai.wait_ready_s",
         "seconds to wait for the upstream to be ready",
+    ),
+    Flag(
+        "--anthropic-max-tokens",
+        "engine.anthropic.default_max_tokens",
+        "max_tokens the anthropic engine sends for a request that sets none (Messages "
+        "requires one; the thinking budget is added when thinking is on)",
     ),
 )
 LLAMACPP_FLAGS = (
@@ -388,7 +413,10 @@ def worker_args(p: argparse.ArgumentParser, with_nats: bool = True) -> None:
     if with_nats:
         add_settings_flags(p, WORKER, (WORKER_REPLICAS,))
     add_settings_flags(p.add_argument_group("sim engine"), WORKER, SIM_FLAGS)
-    o = p.add_argument_group("openai engine (vLLM, llama.cpp server, SGLang, Ollama, TGI)")
+    o = p.add_argument_group(
+        "openai engine (vLLM, llama.cpp server, SGLang, Ollama, TGI) and anthropic engine "
+        "(the Anthropic Messages API or any Messages-compatible server)"
+    )
     add_settings_flags(o, WORKER, OPENAI_FLAGS)
     lc = p.add_argument_group("llamacpp and embeddings engines (in-process models)")
     add(lc, "--model-path", "", "GGUF file (llamacpp) or sentence-transformers dir (embeddings)")

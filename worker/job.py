@@ -509,6 +509,11 @@ async def _execute(spec: JobSpec, engine: Engine, handle: JobHandle) -> p.Usage:
                 except ValueError as exc:
                     raise InvalidRequest(f"'prompt' {exc}", param="prompt") from exc
                 return await _pump(engine.complete(comp, spec.body), out, first, alive)
+            case "count_tokens":
+                chat = CHAT_DECODER.decode(spec.body)
+                tokens = await handle.alive_while(engine.count_tokens(chat, spec.body))
+                await first()
+                return p.Usage(prompt_tokens=tokens, total_tokens=tokens)
             case _:
                 emb = EMBEDDING_DECODER.decode(spec.body)
                 try:

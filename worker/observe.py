@@ -104,7 +104,7 @@ class JobObserver:
         self._engine_span = self._m.tel.tracer.start_span(
             f"{gen_ai_operation(self.op)} {self.model}",
             context=trace.set_span_in_context(self._span),
-            kind=SpanKind.CLIENT if self.engine == "openai" else SpanKind.INTERNAL,
+            kind=SpanKind.CLIENT if self.engine in ("openai", "anthropic") else SpanKind.INTERNAL,
             attributes={
                 OP: gen_ai_operation(self.op),
                 MODEL: self.model,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import msgspec
 
+from common.apis.anthropic_upstream import DEFAULT_MAX_TOKENS
 from common.settings import QueueSettings
 
 
@@ -28,13 +29,16 @@ class SimSettings(msgspec.Struct, frozen=True):
 
 
 class OpenAISettings(msgspec.Struct, frozen=True):
-    """Where the upstream lives and what the model is called on each side.
+    """Where the upstream lives and what the model is called on each side: the settings of
+    every engine that proxies to an HTTP upstream (`openai`, `anthropic`; the `--upstream*`
+    flags).
 
-    `timeout_s` bounds non-streaming calls (embeddings) and request writes; streams have no
-    read timeout (a long generation is legal, and deadlines are enforced by the worker).
+    `timeout_s` bounds non-streaming calls (embeddings, token counts) and request writes;
+    streams have no read timeout (a long generation is legal, and deadlines are enforced
+    by the worker).
     """
 
-    base_url: str = "http://127.0.0.1:8000/v1"
+    base_url: str = ""  # empty: the engine's default, UPSTREAM_DEFAULTS[kind]
     served_model: str = ""  # set per model by the composition root
     api_key: str | None = None
     upstream_model: str | None = None
@@ -42,6 +46,21 @@ class OpenAISettings(msgspec.Struct, frozen=True):
     connect_timeout_s: float = 10.0
     max_connections: int = 1024
     wait_ready_s: float = 900.0
+
+
+UPSTREAM_DEFAULTS = {
+    "openai": "http://127.0.0.1:8000/v1",
+    "anthropic": "https://api.anthropic.com",
+}
+"""Each upstream engine's base URL when `--upstream` is empty."""
+
+
+class AnthropicSettings(msgspec.Struct, frozen=True):
+    """What only the `anthropic` engine needs; the connection is `OpenAISettings`."""
+
+    # Messages requires max_tokens: what a request that sets none gets (plus its thinking
+    # budget when thinking is on).
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
 
 
 class LlamaCppSettings(msgspec.Struct, frozen=True):
@@ -60,7 +79,7 @@ class STSettings(msgspec.Struct, frozen=True):
     device: str = "cpu"
 
 
-ENGINES = ("sim", "openai", "llamacpp", "embeddings")
+ENGINES = ("sim", "openai", "anthropic", "llamacpp", "embeddings")
 
 
 class EngineSettings(msgspec.Struct, frozen=True):
@@ -69,6 +88,7 @@ class EngineSettings(msgspec.Struct, frozen=True):
     kind: str = "sim"
     sim: SimSettings = SimSettings()
     openai: OpenAISettings = OpenAISettings()
+    anthropic: AnthropicSettings = AnthropicSettings()
     llamacpp: LlamaCppSettings = LlamaCppSettings()
     embeddings: STSettings = STSettings()
 

@@ -1,8 +1,10 @@
 """Who may touch the control layer's broker state, with the shipped accounts.conf.
 
-The state (control/store.py, common/audit.py): KV bucket `LLMFLEET_KEYS` (virtual keys and
-prices), KV bucket `LLMFLEET_QUOTA` (fleet-wide ledgers and usage) and stream
-`LLMFLEET_AUDIT` (`llmfleet.audit.gw.<gateway>`, `llmfleet.audit.wk.<worker>`).
+The state (control/store.py, common/audit.py, gateway/responses_store.py): KV bucket
+`LLMFLEET_KEYS` (virtual keys and prices), KV bucket `LLMFLEET_QUOTA` (fleet-wide ledgers
+and usage), stream `LLMFLEET_AUDIT` (`llmfleet.audit.gw.<gateway>`,
+`llmfleet.audit.wk.<worker>`) and KV bucket `LLMFLEET_RESPONSES` (stored /v1/responses:
+prompts and answers, the gateways' alone).
 
 One hub node on the deployed configs (tests/security/stack.py: settings.conf and
 accounts.conf byte for byte) and a GPU host's leaf server (leaf.conf). Each role connects
@@ -41,6 +43,12 @@ from control.store import (
     open_bucket,
     quota_config,
 )
+from gateway.responses_store import (
+    RESPONSES_BUCKET,
+    RESPONSES_STREAM,
+    ResponseStore,
+    StoredResponse,
+)
 from tests.deploy.natsconf import NATS_DIR, Leaf, start_with_retries
 from tests.security.stack import Actor, OneNodeHub, actor, start_hub
 
@@ -78,17 +86,34 @@ def leaf(hub: OneNodeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture(scope="module")
 async def state(hub: OneNodeHub) -> AsyncIterator[None]:
-    """The three resources, made the way the code makes them: the keys bucket by admin
-    (`llmfleet keys create`), the quota bucket and the audit stream by a gateway."""
+    """The four resources, made the way the code makes them: the keys bucket by admin
+    (`llmfleet keys create`), the quota bucket, the audit stream and the responses bucket
+    (with one stored response of alice's) by a gateway."""
     async with actor(hub, "admin", "setup") as a, actor(hub, "gateway", "setup") as g:
         await a.js.create_key_value(keys_config())
         await open_bucket(g.js, quota_config(), create=True)
         await ensure_audit_stream(g.js, AuditSettings())
+        store = await ResponseStore.open(g.js, ttl_s=3600, max_payload=g.nc.max_payload)
+        await store.put(_stored("resp_seed", "alice"))
         assert hub.violations(a.name, g.name) == []
     yield
 
 
 # ---- helpers ----------------------------------------------------------------------------
+
+
+def _stored(rid: str, owner: str, text: str = "hi", previous: str | None = None) -> StoredResponse:
+    return StoredResponse(
+        id=rid,
+        owner=owner,
+        created_at=int(time.time()),
+        input=[
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+        ],
+        output=[],
+        response={"id": rid, "object": "response"},
+        previous_response_id=previous,
+    )
 
 
 async def _admin_kv(hub: OneNodeHub, bucket: str) -> tuple[Actor, Any]:
@@ -365,6 +390,63 @@ async def test_gateway_reads_and_writes_quota_with_compare_and_set(
         assert hub.violations(g.name) == []
 
 
+async def test_gateway_keeps_stored_responses(hub: OneNodeHub, state: None) -> None:
+    """Everything gateway/responses_store.py does, with the gateway's rights alone: open
+    the existing bucket (and bring its TTL and size cap up to date), put an entry that fits
+    one value and one split into parts (over max_payload), read them back (a fresh store:
+    no cache), walk a chain, delete."""
+    async with actor(hub, "gateway", "responses") as g:
+        store = await ResponseStore.open(
+            g.js, ttl_s=7200, max_bytes=256 * 1024 * 1024, max_payload=g.nc.max_payload
+        )
+        info = await g.js.stream_info(RESPONSES_STREAM)
+        assert (info.config.max_age, info.config.max_bytes) == (7200, 256 * 1024 * 1024)
+        big = "x" * (g.nc.max_payload * 2 + 10)
+        await store.put(_stored("resp_a1", "alice"))
+        await store.put(_stored("resp_a2", "alice", big, previous="resp_a1"))
+        fresh = ResponseStore(store.kv, part_bytes=store.part_bytes, ttl_s=7200)
+        got = await fresh.get("alice", "resp_a2")
+        assert got is not None and got.input[0]["content"][0]["text"] == big
+        assert await fresh.get("bob", "resp_a2") is None
+        assert [e.id for e in await fresh.chain("alice", "resp_a2")] == ["resp_a1", "resp_a2"]
+        assert await fresh.delete("alice", "resp_a2")
+        assert await fresh.get("alice", "resp_a2") is None
+        assert g.errors == []
+        assert hub.violations(g.name) == []
+
+
+@pytest.mark.parametrize("role", ("admin", "worker", *PRODUCERS))
+async def test_only_gateways_touch_stored_responses(
+    hub: OneNodeHub, state: None, role: str
+) -> None:
+    """Stored responses hold prompts and answers: no other role reads, writes, consumes,
+    purges or reconfigures them (admin sees the stream's info, as of every stream)."""
+    r = RESPONSES_STREAM
+    async with actor(hub, role, "responses") as a:
+        js = a.nc.jetstream(timeout=SHORT)
+        await _refused(js.publish(f"$KV.{RESPONSES_BUCKET}.resp_seed", b"{}"))
+        api_subjects = [
+            f"$JS.API.STREAM.MSG.GET.{r}",
+            f"$JS.API.DIRECT.GET.{r}",
+            f"$JS.API.CONSUMER.CREATE.{r}",
+            f"$JS.API.STREAM.CREATE.{r}",
+            f"$JS.API.STREAM.UPDATE.{r}",
+            f"$JS.API.STREAM.PURGE.{r}",
+            f"$JS.API.STREAM.DELETE.{r}",
+        ]
+        for subject in api_subjects:
+            await a.nc.publish(subject, b"{}", reply=a.nc.new_inbox())
+        await a.nc.subscribe(f"$KV.{RESPONSES_BUCKET}.>")
+        await a.nc.flush()
+        await a.expect_denied(
+            f"$KV.{RESPONSES_BUCKET}.resp_seed", *api_subjects, f"$KV.{RESPONSES_BUCKET}.>"
+        )
+    async with actor(hub, "gateway", "responses-check") as g:
+        store = await ResponseStore.open(g.js, ttl_s=3600, create=False)
+        seed = await store.get("alice", "resp_seed")
+        assert seed is not None and seed.input[0]["content"][0]["text"] == "hi"
+
+
 async def test_gateway_publishes_only_gateway_audit_events(hub: OneNodeHub, state: None) -> None:
     async with actor(hub, "gateway", "audit") as g:
         # Create, or bring the retention up to date (--audit-retention): its own rights.
@@ -589,7 +671,7 @@ def allowed(rights: dict[str, list[str]], kind: str, subject: str) -> bool:
 
 
 ROLES = ("admin", "gateway", "worker", "worker-sim", "leaf", *PRODUCERS)
-K, Q, A = KEYS_STREAM, QUOTA_STREAM, AUDIT_STREAM
+K, Q, A, R = KEYS_STREAM, QUOTA_STREAM, AUDIT_STREAM, RESPONSES_STREAM
 PUBLISH_MATRIX: dict[str, set[str]] = {
     "$KV.LLMFLEET_KEYS.k.x": {"admin"},
     "$KV.LLMFLEET_KEYS.cfg.prices": {"admin"},
@@ -615,13 +697,25 @@ PUBLISH_MATRIX: dict[str, set[str]] = {
     f"$JS.API.CONSUMER.CREATE.{A}": {"admin"},
     f"$JS.API.CONSUMER.CREATE.{A}.tail.llmfleet.audit.>": {"admin"},
     f"$JS.ACK.{A}.c.1.1.1.1.0": {"admin"},
-    **{f"$JS.API.STREAM.{verb}.{s}": set() for verb in ("PURGE", "DELETE") for s in (K, Q, A)},
-    **{f"$JS.API.STREAM.MSG.DELETE.{s}": set() for s in (K, Q, A)},
-    **{f"$JS.hub.API.STREAM.INFO.{s}": set() for s in (K, Q, A)},
+    "$KV.LLMFLEET_RESPONSES.resp_x": {"gateway"},
+    "$KV.LLMFLEET_RESPONSES.resp_x.0": {"gateway"},
+    f"$JS.API.STREAM.CREATE.{R}": {"gateway"},
+    f"$JS.API.STREAM.UPDATE.{R}": {"gateway"},
+    f"$JS.API.STREAM.INFO.{R}": {"admin", "gateway"},
+    f"$JS.API.STREAM.MSG.GET.{R}": {"gateway"},
+    f"$JS.API.DIRECT.GET.{R}": {"gateway"},
+    f"$JS.API.DIRECT.GET.{R}.$KV.LLMFLEET_RESPONSES.resp_x": {"gateway"},
+    f"$JS.API.CONSUMER.CREATE.{R}": set(),
+    f"$JS.API.CONSUMER.CREATE.{R}.c.$KV.LLMFLEET_RESPONSES.>": set(),
+    f"$JS.FC.{R}.c.1": set(),
+    **{f"$JS.API.STREAM.{verb}.{s}": set() for verb in ("PURGE", "DELETE") for s in (K, Q, A, R)},
+    **{f"$JS.API.STREAM.MSG.DELETE.{s}": set() for s in (K, Q, A, R)},
+    **{f"$JS.hub.API.STREAM.INFO.{s}": set() for s in (K, Q, A, R)},
 }
 SUBSCRIBE_MATRIX: dict[str, set[str]] = {
     "$KV.LLMFLEET_KEYS.k.x": set(),
     "$KV.LLMFLEET_QUOTA.x.rpm": set(),
+    "$KV.LLMFLEET_RESPONSES.resp_x": set(),
     "llmfleet.audit.gw.x": set(),
     "llmfleet.audit.wk.x": set(),
     "_INBOX.x": set(),

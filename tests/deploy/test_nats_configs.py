@@ -242,6 +242,25 @@ async def test_chat_through_gateway_and_worker_with_role_credentials(
     assert _role_violations(hub, "llmfleet-gateway-", "llmfleet-worker-") == []
 
 
+async def test_responses_are_stored_with_role_credentials(roles: Roles, hub: Hub) -> None:
+    """/v1/responses on the replicated hub: the gateway created LLMFLEET_RESPONSES at start
+    and stores, continues, lists and deletes responses with its role's rights alone."""
+    async with openai.AsyncOpenAI(base_url=roles.gw.base_url, api_key="x", max_retries=0) as c:
+        first = await c.responses.create(model="sim-model", input="hi", max_output_tokens=4)
+        assert first.status == "incomplete" and first.output_text
+        assert (await c.responses.retrieve(first.id)).output_text == first.output_text
+        second = await c.responses.create(
+            model="sim-model", input="more", previous_response_id=first.id
+        )
+        assert second.previous_response_id == first.id and second.status == "completed"
+        items = await c.responses.input_items.list(second.id)
+        assert [i.type for i in items.data] == ["message"]
+        await c.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError):
+            await c.responses.retrieve(first.id)
+    assert _role_violations(hub, "llmfleet-gateway-", "llmfleet-worker-") == []
+
+
 async def test_body_over_max_payload_goes_through_the_object_store(roles: Roles, hub: Hub) -> None:
     # 9 MB > max_payload (8 MB): the gateway puts it in LLMFLEET_BODIES_gateway, the worker reads
     # it with an ordered consumer, the gateway deletes it: object-store rights of both roles.

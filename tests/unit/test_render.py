@@ -94,3 +94,24 @@ def test_assembler_text_and_embeddings() -> None:
     emb = json.loads(e.embedding_body("m", p.Usage(3, 0, 3)))
     assert [d["index"] for d in emb["data"]] == [0, 1]
     assert emb["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+
+
+def test_thinking_blocks_carry_signatures_for_chat_clients() -> None:
+    a = Assembler(1)
+    a.add(p.Delta(seq=1, choices=[p.ChoiceDelta(0, reasoning_content="Let me ")]))
+    a.add(p.Delta(seq=2, choices=[p.ChoiceDelta(0, reasoning_content="think.")]))
+    a.add(p.Delta(seq=3, choices=[p.ChoiceDelta(0, reasoning_signature="sig1")]))
+    a.add(p.Delta(seq=4, choices=[p.ChoiceDelta(0, redacted_reasoning="opaque")]))
+    a.add(p.Delta(seq=5, choices=[p.ChoiceDelta(0, content="Hi", finish_reason="stop")]))
+    msg = json.loads(a.chat_body("id", 1, "m", p.Usage()))["choices"][0]["message"]
+    assert msg["reasoning_content"] == "Let me think."
+    assert msg["thinking_blocks"] == [
+        {"type": "thinking", "thinking": "Let me think.", "signature": "sig1"},
+        {"type": "redacted_thinking", "data": "opaque"},
+    ]
+    s = StreamRenderer(op="chat", rid="x", created=1, model="m", include_usage=False)
+    frame = s.delta(p.Delta(seq=3, choices=[p.ChoiceDelta(0, reasoning_signature="sig1")]))
+    chunk = json.loads(frame[len(b"data: ") :])
+    assert chunk["choices"][0]["delta"]["thinking_blocks"] == [
+        {"type": "thinking", "thinking": "", "signature": "sig1"}
+    ]

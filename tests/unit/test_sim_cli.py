@@ -15,11 +15,12 @@ def test_sim_text_is_deterministic() -> None:
 
 
 def test_apply_stop_cuts_before_the_stop_string() -> None:
-    assert apply_stop(["a", " b", " c"], [" b"]) == (["a"], True)
-    assert apply_stop(["ab", "cd"], ["c"]) == (["ab"], True)
-    assert apply_stop(["ab", "cd"], ["bc"]) == (["ab"], True)
-    assert apply_stop(["ab", "cd"], ["zz"]) == (["ab", "cd"], False)
-    assert apply_stop(["abcd"], ["c"]) == (["ab"], True)
+    assert apply_stop(["a", " b", " c"], [" b"]) == (["a"], " b")
+    assert apply_stop(["ab", "cd"], ["c"]) == (["ab"], "c")
+    assert apply_stop(["ab", "cd"], ["bc"]) == (["ab"], "bc")
+    assert apply_stop(["ab", "cd"], ["zz"]) == (["ab", "cd"], None)
+    assert apply_stop(["abcd"], ["c"]) == (["ab"], "c")
+    assert apply_stop(["abcd"], ["d", "b"]) == (["a"], "b")  # the earliest hit wins
 
 
 def test_embeddings_rank_shared_words_higher() -> None:

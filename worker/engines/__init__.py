@@ -6,7 +6,7 @@ import msgspec
 
 from worker.engine import Engine
 from worker.engines.sim import SimEngine
-from worker.settings import EngineSettings
+from worker.settings import UPSTREAM_DEFAULTS, EngineSettings, OpenAISettings
 
 
 class EngineUnavailable(ValueError):
@@ -24,7 +24,11 @@ def build_engine(
         case "openai":
             from worker.engines.openai import OpenAIEngine  # noqa: PLC0415
 
-            return OpenAIEngine(msgspec.structs.replace(settings.openai, served_model=model_id))
+            return OpenAIEngine(_upstream(settings, model_id))
+        case "anthropic":
+            from worker.engines.anthropic import AnthropicEngine  # noqa: PLC0415
+
+            return AnthropicEngine(_upstream(settings, model_id), settings.anthropic)
         case "llamacpp":
             from worker.engines.llamacpp import LlamaCppEngine  # noqa: PLC0415
 
@@ -40,6 +44,14 @@ def build_engine(
             )
         case other:
             raise EngineUnavailable(f"unknown engine {other!r}")
+
+
+def _upstream(settings: EngineSettings, model_id: str) -> OpenAISettings:
+    """The upstream settings for one served model, the engine's default URL filled in."""
+    s = settings.openai
+    return msgspec.structs.replace(
+        s, served_model=model_id, base_url=s.base_url or UPSTREAM_DEFAULTS[settings.kind]
+    )
 
 
 def default_gguf() -> str:

@@ -69,6 +69,9 @@ class SentenceTransformerEngine:
     def complete(self, req: CompletionRequest, raw: bytes) -> AsyncIterator[EngineEvent]:
         raise InvalidRequest("This model only serves embeddings.", param="model")
 
+    async def count_tokens(self, req: ChatRequest, raw: bytes) -> int:
+        raise InvalidRequest("This model does not serve chat.", param="model")
+
     async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
         model = self._model
         if model is None:

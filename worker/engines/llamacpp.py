@@ -44,12 +44,13 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
+import httpx
 import msgspec
 
 from common.errors import EngineError, InvalidRequest, ServiceUnavailable, UpstreamError
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest, prompt_texts
 from common.protocol import ChoiceDelta, Usage
-from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
+from worker.engine import EmbedResult, EngineEvent, ModelCard, Output, estimate_tokens
 from worker.engines.gguf import GGUFError, read_metadata
 from worker.engines.limits import enforce_limit
 from worker.engines.openai import UpChunk, chunk_output, up_usage
@@ -118,6 +119,7 @@ class LlamaCppEngine:
     def __init__(self, settings: LlamaCppSettings) -> None:
         self.settings = settings
         self._server: Any = None
+        self._api_key = secrets.token_urlsafe(32)
         # One thread per slot (each request blocks one), one for load and the smoke check.
         self._pool = ThreadPoolExecutor(
             max_workers=settings.n_parallel + 1, thread_name_prefix="llamacpp"
@@ -157,7 +159,7 @@ class LlamaCppEngine:
         p.chat_template = template
         p.warmup = False  # the smoke check below runs a real token instead
         p.hostnames = ["127.0.0.1"]
-        p.api_keys = [secrets.token_urlsafe(32)]  # its loopback HTTP port is ours alone
+        p.api_keys = [self._api_key]  # its loopback HTTP port is ours alone
         p.endpoint_metrics = False
         p.verbosity = 0 if log.isEnabledFor(logging.DEBUG) else -1
         if s.n_threads:
@@ -221,6 +223,33 @@ class LlamaCppEngine:
 
     async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
         raise InvalidRequest("This model does not serve embeddings.", param="model")
+
+    async def count_tokens(self, req: ChatRequest, raw: bytes) -> int:
+        """Exact: the messages through the model's chat template (`/apply-template` of the
+        embedded server, on loopback), then its tokenizer (`/tokenize`)."""
+        server = self._require()
+        try:
+            doc = _body_decoder.decode(raw)
+        except msgspec.MsgspecError as exc:
+            raise InvalidRequest("request body must be a JSON object") from exc
+        templ = {k: doc[k] for k in ("messages", "tools") if k in doc}
+        auth = {"Authorization": f"Bearer {self._api_key}"}
+        try:
+            async with httpx.AsyncClient(
+                base_url=server.listening_address, headers=auth, timeout=30.0, trust_env=False
+            ) as client:
+                r = await client.post("/apply-template", json=templ)
+                r.raise_for_status()
+                prompt = r.json()["prompt"]
+                r = await client.post(
+                    "/tokenize",
+                    json={"content": prompt, "add_special": True, "parse_special": True},
+                )
+                r.raise_for_status()
+                return len(r.json()["tokens"])
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            log.warning("llama.cpp could not count tokens: %s", exc)
+            return estimate_tokens(req, raw)
 
     # ---- internals ------------------------------------------------------------------------
 

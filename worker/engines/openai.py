@@ -52,7 +52,7 @@ from common.errors import (
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.protocol import ChoiceDelta, Usage
 from common.telemetry import UPSTREAM_TRACEPARENT
-from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
+from worker.engine import EmbedResult, EngineEvent, ModelCard, Output, estimate_tokens
 from worker.engines.httppool import ShardedClient
 from worker.engines.limits import enforce_limit
 from worker.engines.scrub import scrub
@@ -111,6 +111,7 @@ class _UpChoice(msgspec.Struct):
     text: str | None = None  # completions
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM: the stop string (or token id) that ended it
 
 
 class UpChunk(msgspec.Struct):
@@ -131,6 +132,11 @@ class _UpEmbeddings(msgspec.Struct):
     usage: _UpUsage | None = None
 
 
+class _TokenCount(msgspec.Struct):
+    count: int
+
+
+_count_decoder = msgspec.json.Decoder(_TokenCount)
 _body_decoder = msgspec.json.Decoder(dict[str, Any])
 _chunk_decoder = msgspec.json.Decoder(UpChunk)
 _error_decoder = msgspec.json.Decoder(_UpErrorDoc)
@@ -217,6 +223,7 @@ def chunk_output(chunk: UpChunk) -> Output | None:
                 tool_calls=tool_calls,
                 logprobs=c.logprobs,
                 finish_reason=c.finish_reason,
+                stop_sequence=c.stop_reason if isinstance(c.stop_reason, str) else None,
             )
         )
     return Output(choices=out) if out else None
@@ -291,6 +298,13 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
+def _root_url(base_url: str) -> str:
+    """The server's root for `base_url` (`http://h:8000/v1` -> `http://h:8000`): vLLM
+    serves `/tokenize` there, outside `/v1`."""
+    url = base_url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
 def _display_url(base_url: str) -> str:
     """The base URL without any userinfo, safe for messages and the catalog."""
     try:
@@ -314,6 +328,8 @@ class OpenAIEngine:
         self._model = settings.upstream_model or settings.served_model
         self._url = _display_url(settings.base_url)
         self._client: ShardedClient | None = None
+        self._tokenize_ok = True  # until the upstream answers /tokenize with a 404
+        self._tokenize_url = _root_url(settings.base_url) + "/tokenize"
         s = settings
         self._stream_timeout = httpx.Timeout(
             connect=s.connect_timeout_s, read=None, write=s.timeout_s, pool=s.timeout_s
@@ -388,6 +404,35 @@ class OpenAIEngine:
     def complete(self, req: CompletionRequest, raw: bytes) -> AsyncGenerator[EngineEvent, None]:
         return self._stream("/completions", raw, req.token_limit())
 
+    async def count_tokens(self, req: ChatRequest, raw: bytes) -> int:
+        """vLLM's `POST /tokenize` (at the server's root) with the messages, through the
+        model's chat template; upstreams without it (404 once, remembered) are estimated."""
+        if not self._tokenize_ok:
+            return estimate_tokens(req, raw)
+        client = self._require_client()
+        try:
+            body = _body_decoder.decode(raw)
+        except msgspec.MsgspecError as exc:
+            raise InvalidRequest("request body must be a JSON object") from exc
+        doc: dict[str, Any] = {k: body[k] for k in ("messages", "tools") if k in body}
+        doc["model"] = self._model
+        doc["add_generation_prompt"] = True
+        with self._translate():
+            resp = await client.post(
+                self._tokenize_url,
+                content=_encoder.encode(doc),
+                headers={"Content-Type": "application/json"},
+            )
+        if resp.status_code in (404, 405, 501):
+            log.info("upstream %s has no /tokenize: token counts are estimated", self._url)
+            self._tokenize_ok = False
+            return estimate_tokens(req, raw)
+        await self._raise_for_status(resp)
+        try:
+            return int(_count_decoder.decode(resp.content).count)
+        except msgspec.MsgspecError as exc:
+            raise UpstreamError("The upstream sent an unreadable /tokenize answer.") from exc
+
     async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
         client = self._require_client()
         body = self._rewrite(raw, stream=False)
@@ -429,6 +474,7 @@ class OpenAIEngine:
         except msgspec.MsgspecError as exc:
             raise InvalidRequest("request body must be a JSON object") from exc
         body["model"] = self._model
+        body.pop("thinking", None)  # Anthropic's (common/apis/design.md): not OpenAI's API
         enforce_limit(body, limit, keep_name=True)
         if stream:
             body["stream"] = True

@@ -34,6 +34,7 @@ from worker.engines.sim_plan import (
     completion_logprobs,
     plan_chat,
     plan_completion,
+    prompt_tokens,
 )
 from worker.settings import SimSettings
 
@@ -114,33 +115,33 @@ class SimEngine:
             out: list[ChoiceDelta] = []
             for k, pl in enumerate(plans):
                 last = i == max(len(pl.pieces), 1) - 1
-                if pl.tool_calls is not None:
-                    if i == 0:
-                        out.append(ChoiceDelta(pl.index, tool_calls=pl.tool_calls))
-                        out.append(ChoiceDelta(pl.index, finish_reason=pl.finish_reason))
-                    continue
                 if i >= max(len(pl.pieces), 1):
                     continue
                 piece = pl.pieces[i] if pl.pieces else ""
+                if pl.tool_calls is not None:
+                    out.append(_tool_piece(pl, i, piece, last))
+                    continue
                 out.append(
                     ChoiceDelta(
                         pl.index,
                         content=piece,
                         logprobs=logprobs(piece, offsets[k]) if logprobs and piece else None,
                         finish_reason=pl.finish_reason if last else None,
+                        stop_sequence=pl.stop_sequence if last else None,
                     )
                 )
                 offsets[k] += len(piece)
             yield Output(choices=out)
-        completion_tokens = sum(
-            len(pl.pieces) - pl.echoed if pl.tool_calls is None else _tool_tokens(pl)
-            for pl in plans
-        )
+        completion_tokens = sum(len(pl.pieces) - pl.echoed for pl in plans)
         yield Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         )
+
+    async def count_tokens(self, req: ChatRequest, raw: bytes) -> int:
+        """Exactly the prompt tokens a chat with these messages reports (sim's words)."""
+        return prompt_tokens(req)
 
     async def embed(self, req: EmbeddingRequest, raw: bytes) -> EmbedResult:
         dim = req.dimensions or self.settings.embedding_dim
@@ -158,5 +159,13 @@ class SimEngine:
         )
 
 
-def _tool_tokens(plan: Plan) -> int:
-    return sum(len(str(c["function"]["arguments"]).split()) for c in plan.tool_calls or [])
+def _tool_piece(plan: Plan, i: int, piece: str, last: bool) -> ChoiceDelta:
+    """Piece `i` of a tool call's arguments: the first names the call (id, type, name)."""
+    call = (plan.tool_calls or [{}])[0]
+    if i == 0:
+        frag = {**call, "function": {"name": call["function"]["name"], "arguments": piece}}
+    else:
+        frag = {"index": call["index"], "function": {"arguments": piece}}
+    return ChoiceDelta(
+        plan.index, tool_calls=[frag], finish_reason=plan.finish_reason if last else None
+    )

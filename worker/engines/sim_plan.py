@@ -4,11 +4,12 @@ Words are chosen by hashing (prompt, seed, choice, position). Output-shaping par
 are honoured in the simplest valid way, so clients that depend on them work against sim:
 `response_format` json_object / json_schema gives valid JSON (a minimal instance of the
 schema), `tool_choice` "required" or a named function gives a tool call whose arguments
-are a minimal instance of the function's parameter schema, `echo` repeats the prompt, and
-`logprobs` adds (fixed, fake) log probabilities (with `echo`, the prompt's too: the first
-token has none, as in OpenAI's format, so `echo` + `max_tokens: 0` scores a prompt the way
-evaluation harnesses ask). With `tool_choice` "auto" sim answers in
-text: it does not decide anything.
+are a minimal instance of the function's parameter schema (streamed in pieces, as real
+engines do: the call's id and name first, then the arguments' JSON word by word), `echo`
+repeats the prompt, and `logprobs` adds (fixed, fake) log probabilities (with `echo`, the
+prompt's too: the first token has none, as in OpenAI's format, so `echo` + `max_tokens: 0`
+scores a prompt the way evaluation harnesses ask). With `tool_choice` "auto" sim answers
+in text: it does not decide anything. A stop sequence that cut a choice is reported.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class Plan(msgspec.Struct):
     index: int
     pieces: list[str]
     finish_reason: str
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # pieces are then the arguments'
     echoed: int = 0  # leading pieces that repeat the prompt (not completion tokens)
+    stop_sequence: str | None = None  # the stop string that ended it
 
 
 def words(text: str) -> list[str]:
@@ -54,22 +56,22 @@ def sim_text(key: bytes, count: int) -> list[str]:
     return [(" " if i else "") + sim_word(key, i) for i in range(count)]
 
 
-def apply_stop(pieces: list[str], stop: list[str]) -> tuple[list[str], bool]:
-    """Cut `pieces` before the first stop string; returns (pieces, stopped)."""
+def apply_stop(pieces: list[str], stop: list[str]) -> tuple[list[str], str | None]:
+    """Cut `pieces` before the first stop string; returns (pieces, the stop string hit)."""
     if not stop:
-        return pieces, False
+        return pieces, None
     text = ""
     for i, piece in enumerate(pieces):
         text += piece
-        hits = [text.find(s) for s in stop if s and s in text]
+        hits = [(text.find(s), s) for s in stop if s and s in text]
         if hits:
-            cut = min(hits)
+            cut, hit = min(hits)
             before = "".join(pieces[:i])
             kept = pieces[:i]
             if cut > len(before):
                 kept = [*kept, text[len(before) : cut]]
-            return kept, True
-    return pieces, False
+            return kept, hit
+    return pieces, None
 
 
 def schema_instance(schema: Any, root: Any = None, depth: int = 0) -> Any:
@@ -126,22 +128,34 @@ def _chosen_tool(req: ChatRequest) -> dict[str, Any] | None:
     return None
 
 
-def _limit(pieces: list[str], limit: int | None, stop: list[str]) -> tuple[list[str], str]:
-    pieces, stopped = apply_stop(pieces, stop)
-    if stopped:
-        return pieces, "stop"
+def _limit(
+    pieces: list[str], limit: int | None, stop: list[str]
+) -> tuple[list[str], str, str | None]:
+    """(pieces, finish reason, the stop string that ended them)."""
+    pieces, hit = apply_stop(pieces, stop)
+    if hit is not None:
+        return pieces, "stop", hit
     if limit is not None and len(pieces) >= limit:
-        return pieces[:limit], "length"
-    return pieces, "stop"
+        return pieces[:limit], "length", None
+    return pieces, "stop", None
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop or [])
 
 
+def _chat_prompt(req: ChatRequest) -> str:
+    return "\n".join(m.text() for m in req.messages)
+
+
+def prompt_tokens(req: ChatRequest) -> int:
+    """A chat request's prompt tokens: the words of its messages' text."""
+    return len(words(_chat_prompt(req)))
+
+
 def plan_chat(req: ChatRequest, default_tokens: int) -> tuple[list[Plan], int]:
     """The choices for a chat request, and its prompt tokens."""
-    prompt = "\n".join(m.text() for m in req.messages)
+    prompt = _chat_prompt(req)
     limit = req.token_limit()
     count = default_tokens if limit is None else min(limit, default_tokens)
     base = hashlib.blake2b(f"{req.seed}|{prompt}".encode(), digest_size=16).digest()
@@ -151,14 +165,14 @@ def plan_chat(req: ChatRequest, default_tokens: int) -> tuple[list[Plan], int]:
     for c in range(req.choices()):
         key = base + c.to_bytes(2, "little")
         if tool is not None:
-            args = json.dumps(schema_instance(tool.get("parameters", {})))
+            args = _json_pieces(schema_instance(tool.get("parameters", {})))
             call = {
                 "index": 0,
                 "id": "call_" + hashlib.blake2b(key, digest_size=8).hexdigest(),
                 "type": "function",
-                "function": {"name": tool.get("name", ""), "arguments": args},
+                "function": {"name": tool.get("name", ""), "arguments": "".join(args)},
             }
-            plans.append(Plan(c, [], "tool_calls", [call]))
+            plans.append(Plan(c, args, "tool_calls", [call]))
             continue
         if fmt.get("type") == "json_object":
             pieces = _json_pieces({"answer": "".join(sim_text(key, count))})
@@ -173,9 +187,9 @@ def plan_chat(req: ChatRequest, default_tokens: int) -> tuple[list[Plan], int]:
             if req.continue_final_message and pieces:  # goes on after the partial answer
                 pieces[0] = " " + pieces[0]
             limit_here = None if natural else count
-        pieces, finish = _limit(pieces, limit_here, _stops(req.stop))
-        plans.append(Plan(c, pieces, finish))
-    return plans, len(words(prompt))
+        pieces, finish, hit = _limit(pieces, limit_here, _stops(req.stop))
+        plans.append(Plan(c, pieces, finish, stop_sequence=hit))
+    return plans, prompt_tokens(req)
 
 
 def plan_completion(req: CompletionRequest, default_tokens: int) -> tuple[list[Plan], int]:
@@ -190,13 +204,13 @@ def plan_completion(req: CompletionRequest, default_tokens: int) -> tuple[list[P
         base = hashlib.blake2b(f"{req.seed}|{prompt}".encode(), digest_size=16).digest()
         for c in range(n):
             pieces = sim_text(base + c.to_bytes(2, "little"), count)
-            pieces, finish = _limit(pieces, None if natural else count, _stops(req.stop))
+            pieces, finish, hit = _limit(pieces, None if natural else count, _stops(req.stop))
             echoed = 0
             if req.echo:
                 said = prompt_pieces(prompt)
                 echoed = len(said)
                 pieces = [*said, *((" " + pieces[0].lstrip(), *pieces[1:]) if pieces else ())]
-            plans.append(Plan(i * n + c, pieces, finish, echoed=echoed))
+            plans.append(Plan(i * n + c, pieces, finish, echoed=echoed, stop_sequence=hit))
     return plans, sum(len(words(p)) for p in prompts)
 
 
