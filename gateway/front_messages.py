@@ -1,10 +1,11 @@
 """The Anthropic Messages API: `POST /v1/messages` and `POST /v1/messages/count_tokens`.
 
-Both translate the Messages request to a chat body (`common.apis.anthropic`), then run it
-through the same chat validation as `/v1/chat/completions` (deployment limits: max tokens,
-messages, stop sequences). Errors are in Anthropic's envelope (`error_envelope`: the
-fleet's 503 is 529 overloaded_error). `count_tokens` goes to a worker as the wire op
-`count_tokens` (its `done` usage is the prompt's size) and is not charged.
+Both translate the Messages request to a chat body (`common.apis.anthropic_request`), then
+run it through the same chat validation as `/v1/chat/completions` (deployment limits: max
+tokens, messages, stop sequences); the reply is built by `common.apis.anthropic_stream`.
+Errors are in Anthropic's envelope (`error_envelope`: the fleet's 503 is 529
+overloaded_error). `count_tokens` goes to a worker as the wire op `count_tokens` (its `done`
+usage is the prompt's size) and is not charged.
 
     MessagesFront      messages       chat           MessagesRenderer (MessageStream)
     CountTokensFront   count_tokens   count_tokens   CountTokensRenderer
@@ -15,7 +16,7 @@ from __future__ import annotations
 import msgspec
 
 from common import protocol as p
-from common.apis import anthropic
+from common.apis import anthropic, anthropic_request, anthropic_stream
 from common.errors import FleetError, InvalidRequest
 from gateway.auth import Principal
 from gateway.fronts import Renderer
@@ -43,8 +44,8 @@ class MessagesRenderer:
     """One Messages response: SSE events when streaming, else the message body."""
 
     def __init__(self, parsed: Parsed, rid: str) -> None:
-        estimate = anthropic.estimate_tokens(parsed.body)
-        self.stream = anthropic.MessageStream(
+        estimate = anthropic_stream.estimate_tokens(parsed.body)
+        self.stream = anthropic_stream.MessageStream(
             "msg_" + rid, parsed.model, estimate, frames=parsed.stream
         )
 
@@ -66,7 +67,7 @@ class MessagesRenderer:
                 self.stream.feed(d)
 
     def body(self, usage: p.Usage) -> bytes:
-        return anthropic.message_body(self.stream.message(usage))
+        return anthropic_stream.message_body(self.stream.message(usage))
 
 
 class MessagesFront:
@@ -79,7 +80,7 @@ class MessagesFront:
     async def parse(
         self, body: bytes, limits: Limits, default_model: str | None, principal: Principal
     ) -> Parsed:
-        chat = anthropic.messages_to_chat(anthropic.decode_messages(body))
+        chat = anthropic_request.messages_to_chat(anthropic_request.decode_messages(body))
         # `max_tokens` is required and is a ceiling: clients pick it for Claude (Claude
         # Code sends 32000 or 64000), so above the gateway's --max-tokens it is lowered to
         # that (an answer that reaches it stops with `max_tokens`), not refused.
@@ -128,8 +129,8 @@ class CountTokensFront:
     async def parse(
         self, body: bytes, limits: Limits, default_model: str | None, principal: Principal
     ) -> Parsed:
-        req = anthropic.decode_messages(body)
-        chat = anthropic.messages_to_chat(req, count_only=True)
+        req = anthropic_request.decode_messages(body)
+        chat = anthropic_request.messages_to_chat(req, count_only=True)
         parsed = _validated(chat, limits, default_model)
         return msgspec.structs.replace(
             parsed, op="count_tokens", stream=False, include_usage=False, n=1, max_completion=0

@@ -1,5 +1,6 @@
-"""The inbound Anthropic Messages translation (common/apis/anthropic.py) and its gateway
-front (gateway/front_messages.py): requests to chat bodies, chat deltas to events/bodies."""
+"""The inbound Anthropic Messages translation (common/apis/anthropic_request.py,
+common/apis/anthropic_stream.py) and its gateway front (gateway/front_messages.py):
+requests to chat bodies, chat deltas to events/bodies."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 import pytest
 
 from common import protocol as p
-from common.apis import anthropic as a
+from common.apis import anthropic_request as rq
+from common.apis import anthropic_stream as st
 from common.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.auth import ANONYMOUS
 from gateway.front_messages import CountTokensFront, MessagesFront
@@ -21,13 +23,13 @@ EPHEMERAL = {"type": "ephemeral"}
 
 def chat(**fields: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {"model": "m", "max_tokens": 16, "messages": HI, **fields}
-    return a.messages_to_chat(a.decode_messages(json.dumps(doc).encode()))
+    return rq.messages_to_chat(rq.decode_messages(json.dumps(doc).encode()))
 
 
 def bad(doc: dict[str, Any] | bytes, *, count_only: bool = False) -> InvalidRequest:
     raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     with pytest.raises(InvalidRequest) as e:
-        a.messages_to_chat(a.decode_messages(raw), count_only=count_only)
+        rq.messages_to_chat(rq.decode_messages(raw), count_only=count_only)
     return e.value
 
 
@@ -261,7 +263,7 @@ def test_top_level_cache_control_marks_the_last_block() -> None:
 
 def test_count_only_needs_no_max_tokens_and_drops_generation_fields() -> None:
     doc = {"model": "m", "messages": HI, "stream": True}
-    body = a.messages_to_chat(a.decode_messages(json.dumps(doc).encode()), count_only=True)
+    body = rq.messages_to_chat(rq.decode_messages(json.dumps(doc).encode()), count_only=True)
     assert body == {"messages": HI, "model": "m"}
 
 
@@ -522,13 +524,13 @@ def run(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The stream's events and the non-streaming body for the same deltas."""
     usage = usage or p.Usage(10, 5, 15)
-    s = a.MessageStream("msg_r", "claude-x", 42, frames=True)
+    s = st.MessageStream("msg_r", "claude-x", 42, frames=True)
     raw = s.start() + b"".join(s.feed(x) for x in deltas) + s.finish(usage)
-    b = a.MessageStream("msg_r", "claude-x", 42, frames=False)
+    b = st.MessageStream("msg_r", "claude-x", 42, frames=False)
     assert b.start() == b""
     assert all(b.feed(x) == b"" for x in deltas)
     assert b.finish(usage) == b""
-    return events(raw), json.loads(a.message_body(b.message(usage)))
+    return events(raw), json.loads(st.message_body(b.message(usage)))
 
 
 def shape(evs: list[dict[str, Any]]) -> list[str]:
@@ -611,10 +613,10 @@ def test_text_stream_and_body() -> None:
 
 
 def test_input_estimate_is_never_zero() -> None:
-    s = a.MessageStream("msg_r", "m", 0, frames=True)
+    s = st.MessageStream("msg_r", "m", 0, frames=True)
     assert events(s.start())[0]["message"]["usage"]["input_tokens"] == 1
-    assert a.estimate_tokens(b"") == 1
-    assert a.estimate_tokens(b"x" * 400) == 100
+    assert st.estimate_tokens(b"") == 1
+    assert st.estimate_tokens(b"x" * 400) == 100
 
 
 def test_stop_reasons() -> None:
@@ -752,11 +754,11 @@ def test_interleaved_call_piece_is_not_lost() -> None:
 
 
 def test_tool_arguments_that_are_not_an_object_are_kept_raw() -> None:
-    assert a.tool_input("") == {}
-    assert a.tool_input("  ") == {}
-    assert a.tool_input('{"a": 1}') == {"a": 1}
-    assert a.tool_input('{"a": ') == {"_raw": '{"a": '}
-    assert a.tool_input("[1]") == {"_raw": "[1]"}
+    assert st.tool_input("") == {}
+    assert st.tool_input("  ") == {}
+    assert st.tool_input('{"a": 1}') == {"a": 1}
+    assert st.tool_input('{"a": ') == {"_raw": '{"a": '}
+    assert st.tool_input("[1]") == {"_raw": "[1]"}
     _, body = run([d(tool_calls=[call(0, id="c", name="f", args="not json")])])
     assert body["content"][0]["input"] == {"_raw": "not json"}
 
@@ -836,7 +838,9 @@ def test_renderer_streams_and_fails_with_an_error_event() -> None:
 
     parsed = parse(
         "chat",
-        json.dumps(a.messages_to_chat(a.decode_messages(json.dumps(parsed_doc).encode()))).encode(),
+        json.dumps(
+            rq.messages_to_chat(rq.decode_messages(json.dumps(parsed_doc).encode()))
+        ).encode(),
         Limits(),
     )
     r = MessagesFront().renderer(parsed, "rid1", 0)
@@ -859,7 +863,7 @@ def test_renderer_body_when_not_streaming() -> None:
     doc = {"model": "claude-x", "max_tokens": 5, "messages": HI}
     parsed = parse(
         "chat",
-        json.dumps(a.messages_to_chat(a.decode_messages(json.dumps(doc).encode()))).encode(),
+        json.dumps(rq.messages_to_chat(rq.decode_messages(json.dumps(doc).encode()))).encode(),
         Limits(),
     )
     r = MessagesFront().renderer(parsed, "rid2", 0)

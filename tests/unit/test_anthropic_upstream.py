@@ -1,7 +1,7 @@
 """The `anthropic` engine's wire: chat body -> Messages request, Messages events -> chat
-deltas (`common.apis.anthropic_upstream`, pure), and the engine itself against the fake
-Messages upstream (tests/anthropic_upstream.py) on uvicorn, which checks every request the
-way the API does."""
+deltas (`common.apis.anthropic_upstream`, `common.apis.anthropic_events`, pure), and the
+engine itself against the fake Messages upstream (tests/anthropic_upstream.py) on uvicorn,
+which checks every request the way the API does."""
 
 from __future__ import annotations
 
@@ -16,13 +16,8 @@ import msgspec
 import pytest
 import pytest_asyncio
 
-from common.apis.anthropic_upstream import (
-    JSON_TOOL,
-    EventReader,
-    MessagesStreamError,
-    chat_to_messages,
-    count_tokens_body,
-)
+from common.apis.anthropic_events import EventReader, MessagesStreamError
+from common.apis.anthropic_upstream import JSON_TOOL, chat_to_messages, count_tokens_body
 from common.errors import FleetError, InvalidRequest
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.protocol import ChoiceDelta, Usage

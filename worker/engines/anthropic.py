@@ -3,9 +3,9 @@ Messages-compatible upstream).
 
 The chat body on the wire becomes a Messages request (`common.apis.anthropic_upstream`,
 pure, field by field in its docstring), and the upstream's Messages events become chat
-deltas. Generation always streams from upstream; the worker re-aggregates for
-non-streaming clients. Chat only: `complete` and `embed` answer 400; `count_tokens` asks
-the upstream's `POST /v1/messages/count_tokens`.
+deltas (`common.apis.anthropic_events`). Generation always streams from upstream; the
+worker re-aggregates for non-streaming clients. Chat only: `complete` and `embed` answer
+400; `count_tokens` asks the upstream's `POST /v1/messages/count_tokens`.
 
 It shares the `openai` engine's plumbing (it subclasses `OpenAIEngine`): the same settings
 and `--upstream*` flags, one `ShardedClient` owned between `start()` and `aclose()`, the
@@ -50,13 +50,8 @@ import httpx
 import msgspec
 
 from common.apis.anthropic import ANTHROPIC_VERSION
-from common.apis.anthropic_upstream import (
-    EventReader,
-    MessagesStreamError,
-    chat_to_messages,
-    count_tokens_body,
-    wants_json_output,
-)
+from common.apis.anthropic_events import EventReader, MessagesStreamError
+from common.apis.anthropic_upstream import chat_to_messages, count_tokens_body, wants_json_output
 from common.errors import (
     FleetError,
     InvalidRequest,
