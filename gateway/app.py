@@ -95,7 +95,8 @@ class GatewayApp:
         method: str = scope["method"]
         if self.cors_origins:
             origin = header(scope, b"origin")
-            send = _with_cors(send, origin, self.cors_origins)
+            requested = header(scope, b"access-control-request-headers")
+            send = _with_cors(send, origin, self.cors_origins, requested)
             if method == "OPTIONS" and origin is not None:
                 await send({"type": "http.response.start", "status": 204, "headers": []})
                 await send({"type": "http.response.body", "body": b""})
@@ -239,18 +240,23 @@ class GatewayApp:
         await send_json(send, 200, render.json_bytes(self._model_entry(entry)))
 
 
-def _with_cors(send: Send, origin: str | None, allowed: tuple[str, ...]) -> Send:
-    """Add CORS headers for an allowed browser origin (`*` allows any)."""
+def _with_cors(
+    send: Send, origin: str | None, allowed: tuple[str, ...], requested: str | None = None
+) -> Send:
+    """Add CORS headers for an allowed browser origin (`*` allows any). A preflight's
+    requested headers are allowed too: the SDKs send their own (`x-stainless-*`)."""
     if origin is None or ("*" not in allowed and origin not in allowed):
         return send
+    allow_headers = (
+        b"authorization, content-type, x-api-key, x-llmfleet-timeout, anthropic-version, "
+        b"anthropic-beta, anthropic-dangerous-direct-browser-access"
+    )
+    if requested:
+        allow_headers += b", " + requested.encode("latin-1")
     extra = [
         (b"access-control-allow-origin", origin.encode("latin-1")),
         (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
-        (
-            b"access-control-allow-headers",
-            b"authorization, content-type, x-api-key, x-llmfleet-timeout, anthropic-version, "
-            b"anthropic-beta, anthropic-dangerous-direct-browser-access",
-        ),
+        (b"access-control-allow-headers", allow_headers),
         (
             b"access-control-expose-headers",
             b"x-request-id, x-llmfleet-worker, x-llmfleet-model, retry-after, "

@@ -40,6 +40,22 @@ def _validated(chat: dict[str, object], limits: Limits, default_model: str | Non
         raise
 
 
+MIN_THINKING_BUDGET = 1024  # Anthropic's smallest `thinking.budget_tokens`
+
+
+def _fit_thinking(chat: dict[str, object], most: int) -> None:
+    thinking = chat.get("thinking")
+    if not isinstance(thinking, dict):
+        return
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or budget < most:
+        return
+    if most - 1 < MIN_THINKING_BUDGET:
+        del chat["thinking"]
+    else:
+        chat["thinking"] = {**thinking, "budget_tokens": most - 1}
+
+
 class MessagesRenderer:
     """One Messages response: SSE events when streaming, else the message body."""
 
@@ -84,9 +100,12 @@ class MessagesFront:
         # `max_tokens` is required and is a ceiling: clients pick it for Claude (Claude
         # Code sends 32000 or 64000), so above the gateway's --max-tokens it is lowered to
         # that (an answer that reaches it stops with `max_tokens`), not refused.
+        # Thinking's budget must stay below it: lowered with it (under Anthropic's
+        # minimum of 1024 there is no room left to think, and thinking is turned off).
         most = chat.get("max_tokens")
         if isinstance(most, int) and most > limits.max_tokens:
-            chat["max_tokens"] = limits.max_tokens
+            chat["max_tokens"] = most = limits.max_tokens
+            _fit_thinking(chat, most)
         return _validated(chat, limits, default_model)
 
     def renderer(self, parsed: Parsed, rid: str, created: int) -> Renderer:

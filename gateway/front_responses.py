@@ -10,7 +10,7 @@ stored-response routes (`GET`/`DELETE /v1/responses/{id}`, `GET .../{id}/input_i
 A store that fails after the answer is built (broker down, bucket refusing) does not fail
 the answer: it is logged and counted (`ResponseStore.failed`).
 
-The translation is `common.apis.responses` (pure); the store is
+The translation is `common.apis.responses*` (pure); the store is
 `gateway.responses_store` (KV bucket LLMFLEET_RESPONSES). One front per request: it keeps
 the request, its input items and the principal between `parse` and `completed`.
 
@@ -30,14 +30,9 @@ from typing import Any, Protocol
 import msgspec
 
 from common import protocol as p
-from common.apis.responses import (
-    ResponsesRequest,
-    ResponseStream,
-    decode_request,
-    normalize_input,
-    response_shell,
-    responses_to_chat,
-)
+from common.apis.responses import ResponsesRequest, decode_request, normalize_input
+from common.apis.responses_chat import responses_to_chat
+from common.apis.responses_stream import ResponseStream, response_shell
 from common.errors import FleetError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.auth import Principal
 from gateway.fronts import Renderer

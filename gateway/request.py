@@ -29,7 +29,7 @@ from opentelemetry import trace
 
 from common import protocol as p
 from common.audit import AuditEvent
-from common.errors import FleetError, InternalError
+from common.errors import FleetError, InternalError, InvalidRequest
 from common.logs import bind
 from common.telemetry import gen_ai_operation
 from control.quota import Ticket
@@ -176,7 +176,10 @@ class Call:
         default = app.default_model
         if default is not None and not principal.may_run(default):
             default = None
-        parsed = await self.front.parse(body, app.limits, default, principal)
+        try:
+            parsed = await self.front.parse(body, app.limits, default, principal)
+        except RecursionError as exc:  # msgspec decoding a hostile nesting depth
+            raise InvalidRequest("Request body is nested too deeply.") from exc
         self.rec.stream = parsed.stream
         self.asked_model = parsed.model
         gov.check_model(principal, parsed.model, app.catalog)

@@ -177,8 +177,9 @@ def _mergeable(d: ChoiceDelta) -> bool:
 def coalesce(batches: list[list[ChoiceDelta]]) -> list[list[ChoiceDelta]]:
     """Merge consecutive outputs into as few messages as possible, preserving meaning.
 
-    Text of the same choice is concatenated; a delta carrying tool calls, logprobs or a
-    finish reason is never merged into (the finish reason may close a text run, though),
+    Text of the same choice is concatenated; a delta carrying tool calls, logprobs, a
+    thinking signature or redacted block, or a finish reason is never merged into (the
+    finish reason, with its stop sequence, may close a text run, though),
     and a message's text stays under 64 KiB.
     """
     out: list[list[ChoiceDelta]] = []
@@ -211,6 +212,7 @@ def coalesce(batches: list[list[ChoiceDelta]]) -> list[list[ChoiceDelta]]:
                     content=_cat(prev.content, d.content),
                     reasoning_content=_cat(prev.reasoning_content, d.reasoning_content),
                     finish_reason=d.finish_reason,
+                    stop_sequence=d.stop_sequence,
                 )
                 size += added
                 continue
@@ -222,7 +224,15 @@ def coalesce(batches: list[list[ChoiceDelta]]) -> list[list[ChoiceDelta]]:
 
 
 def _text_only(d: ChoiceDelta) -> bool:
-    return d.tool_calls is None and d.logprobs is None and d.refusal is None
+    """Only text (and perhaps the end of the choice): a thinking block's signature or a
+    redacted block keeps its own delta, so it stays where it falls in the text."""
+    return (
+        d.tool_calls is None
+        and d.logprobs is None
+        and d.refusal is None
+        and d.reasoning_signature is None
+        and d.redacted_reasoning is None
+    )
 
 
 def _cat(a: str | None, b: str | None) -> str | None:

@@ -533,3 +533,5 @@ async def _execute(spec: JobSpec, engine: Engine, handle: JobHandle) -> p.Usage:
         raise _decode_error(exc) from exc
     except UnicodeDecodeError as exc:
         raise InvalidRequest("Request body is not valid UTF-8.") from exc
+    except RecursionError as exc:  # a producer's hostile nesting depth
+        raise InvalidRequest("Request body is nested too deeply.") from exc

@@ -263,6 +263,31 @@ def test_count_tokens_matches_usage(client: anthropic.Anthropic) -> None:
 # ---- errors ----------------------------------------------------------------------------------
 
 
+def test_deep_nesting_is_400_not_500(gw: Gateway) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    for path, extra in (("/v1/messages", '"max_tokens": 5, '), ("/v1/chat/completions", "")):
+        body = (
+            f'{{"model": "{MODEL}", {extra}"messages": [{{"role": "user", "content": "hi"}}],'
+            f' "metadata": {{"x": {deep}}}, "tools": [{{"x": {deep}}}]}}'
+        )
+        r = httpx.post(gw.url + path, content=body, headers={"x-api-key": KEY})
+        assert r.status_code == 400, r.text
+        assert "nested too deeply" in r.text
+
+
+def test_thinking_budget_is_lowered_with_max_tokens(
+    client: anthropic.Anthropic, gw: Gateway
+) -> None:
+    thinking = {"type": "enabled", "budget_tokens": 63999}
+    with client.messages.stream(
+        model=MODEL,
+        max_tokens=64000,
+        messages=HELLO,
+        thinking=thinking,  # type: ignore[arg-type]
+    ) as stream:
+        assert stream.get_final_message().stop_reason == "end_turn"
+
+
 def test_missing_max_tokens_is_400(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as e:
         client.post("/v1/messages", cast_to=Message, body={"model": MODEL, "messages": HELLO})

@@ -468,6 +468,16 @@ def test_cors_when_enabled(fleet: Fleet, gw: Gateway) -> None:
     )
     assert pre.status_code == 204
     assert pre.headers["access-control-allow-origin"] == "http://app.example"
+    sdk = httpx.options(  # the SDKs' own headers, from a browser (anthropic's JS SDK)
+        cors.url + "/v1/messages",
+        headers={
+            "origin": "http://app.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "x-api-key,anthropic-version,x-stainless-os",
+        },
+    )
+    allowed = sdk.headers["access-control-allow-headers"]
+    assert "x-stainless-os" in allowed and "anthropic-version" in allowed
     r = httpx.get(cors.base_url + "/models", headers={"origin": "http://app.example"})
     assert r.headers["access-control-allow-origin"] == "http://app.example"
     other = httpx.get(cors.base_url + "/models", headers={"origin": "http://evil.example"})

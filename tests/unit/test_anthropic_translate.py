@@ -882,3 +882,26 @@ def test_renderer_body_when_not_streaming() -> None:
     ]
     assert body["stop_reason"] == "tool_use"
     assert body["usage"]["output_tokens"] == 4
+
+
+async def test_lowered_max_tokens_lowers_the_thinking_budget() -> None:
+    front = MessagesFront()
+    for budget, most, want in (
+        (63999, 5000, {"type": "enabled", "budget_tokens": 4999}),
+        (2000, 1000, None),
+        (500, 5000, None),
+    ):
+        doc = {
+            "model": "m",
+            "max_tokens": 64000,
+            "messages": HI,
+            "thinking": {"type": "enabled", "budget_tokens": budget},
+        }
+        parsed = await front.parse(
+            json.dumps(doc).encode(), Limits(max_tokens=most), None, ANONYMOUS
+        )
+        body = json.loads(parsed.body)
+        if budget < most:
+            assert body["thinking"]["budget_tokens"] == budget
+        else:
+            assert body.get("thinking") == want

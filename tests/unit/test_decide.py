@@ -117,3 +117,16 @@ def test_lifecycle_only_moves_forward() -> None:
     assert transition(s.READY, s.STARTING) is s.READY
     assert transition(s.DRAINING, s.STOPPED) is s.STOPPED
     assert transition(s.STOPPED, s.DRAINING) is s.STOPPED  # a second SIGTERM
+
+
+def test_coalesce_keeps_signatures_and_stop_sequences() -> None:
+    D = ChoiceDelta
+    signed = coalesce([[D(0, reasoning_content="t")], [D(0, reasoning_signature="SIG")]])
+    assert [d.reasoning_signature for batch in signed for d in batch] == [None, "SIG"]
+    redacted = coalesce([[D(0, redacted_reasoning="R")], [D(0, content="x")]])
+    assert [(d.redacted_reasoning, d.content) for b in redacted for d in b] == [
+        ("R", None),
+        (None, "x"),
+    ]
+    stopped = coalesce([[D(0, content="x")], [D(0, finish_reason="stop", stop_sequence="s")]])
+    assert stopped == [[D(0, content="x", finish_reason="stop", stop_sequence="s")]]

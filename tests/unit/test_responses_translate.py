@@ -1,4 +1,4 @@
-"""common/apis/responses.py (pure) and the front's pure parts: Responses request -> chat
+"""common/apis/responses*.py (pure) and the front's pure parts: Responses request -> chat
 body, chat deltas -> Responses events and object, checked against the official openai
 SDK's own models and its stream accumulator."""
 
@@ -15,17 +15,10 @@ from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 
 from common import protocol as p
-from common.apis.responses import (
-    ResponsesRequest,
-    ResponseStream,
-    decode_reasoning,
-    decode_request,
-    encode_reasoning,
-    items_to_messages,
-    normalize_input,
-    response_shell,
-    responses_to_chat,
-)
+from common.apis.responses import ResponsesRequest, decode_request, normalize_input
+from common.apis.responses_chat import items_to_messages, responses_to_chat
+from common.apis.responses_reasoning import decode_reasoning, encode_reasoning
+from common.apis.responses_stream import ResponseStream, response_shell
 from common.errors import GatewayTimeout, InvalidRequest, RateLimited, ServiceUnavailable
 from gateway.auth import ANONYMOUS
 from gateway.front_responses import ResponsesFront, ResponsesRenderer, list_page
