@@ -98,8 +98,8 @@ class MessagesFront:
     ) -> Parsed:
         chat = anthropic_request.messages_to_chat(anthropic_request.decode_messages(body))
         # `max_tokens` is required and is a ceiling: clients pick it for Claude (Claude
-        # Code sends 32000 or 64000), so above the gateway's --max-tokens it is lowered to
-        # that (an answer that reaches it stops with `max_tokens`), not refused.
+        # Code sends 32000 or 64000), so above the gateway's --max-tokens-limit it is
+        # lowered to that (an answer that reaches it stops with `max_tokens`), not refused.
         # Thinking's budget must stay below it: lowered with it (under Anthropic's
         # minimum of 1024 there is no room left to think, and thinking is turned off).
         most = chat.get("max_tokens")

@@ -166,11 +166,3 @@ def error_event(err: FleetError) -> bytes:
     status = error_status(err.status)
     body = AnthropicError(AnthropicErrorBody(error_type(status), err.message))
     return b"event: error\ndata: " + _enc.encode(body) + b"\n\n"
-
-
-_FLEET_STATUS = {529: 503}  # an upstream's overloaded is the fleet's "no capacity now"
-
-
-def fleet_status(anthropic_status: int) -> int:
-    """The fleet status for an upstream's Anthropic status (529 -> 503)."""
-    return _FLEET_STATUS.get(anthropic_status, anthropic_status)
