@@ -110,6 +110,7 @@ def stream_config(ttl_s: float, max_bytes: int = -1, replicas: int = 1) -> Strea
         description="llmfleet stored responses (/v1/responses)",
         subjects=[f"$KV.{RESPONSES_BUCKET}.>"],
         allow_rollup_hdrs=True,
+        allow_direct=True,  # kv.get as a direct get: measured 20-50 µs less per read
         deny_delete=True,
         discard=DiscardPolicy.OLD,
         duplicate_window=min(120.0, ttl_s),

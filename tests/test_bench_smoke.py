@@ -36,3 +36,35 @@ def test_bench_smoke_produces_numbers(tmp_path: Path) -> None:
     over = res["overload"]
     assert over["lost"] == 0 and over["duplicated_or_unseen"] == 0
     assert over["completed"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_bench_apis_smoke_produces_numbers(tmp_path: Path) -> None:
+    """bench/apis.py: every API configuration answers, and each report cell has numbers."""
+    out = tmp_path / "apis.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.apis", "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["http"]) == {
+        f"{mode}, concurrency {c}" for mode in ("non-streamed", "streamed") for c in (1, 8)
+    }
+    for scenario in res["http"].values():
+        assert set(scenario["configs"]) == set("ABCDE")
+        for row in scenario["configs"].values():
+            assert row["errors"] == 0 and row["n"] > 0
+            assert math.isfinite(row["p50_ms"]) and row["p50_ms"] > 0
+            assert row["gateway_cpu_us_per_req"] > 0
+            if scenario["stream"]:
+                assert 0 < row["first_p50_ms"] <= row["p99_ms"]
+    # the stored response costs the broker a write (D) and a continuation a read (E)
+    c1 = res["http"]["non-streamed, concurrency 1"]["configs"]
+    assert c1["D"]["broker_msgs_per_req"] > c1["C"]["broker_msgs_per_req"]
+    assert c1["E"]["broker_msgs_per_req"] > c1["C"]["broker_msgs_per_req"]
+    assert all(r["us"] > 0 for r in res["micro"])
