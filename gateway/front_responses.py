@@ -126,7 +126,7 @@ class ResponsesFront:
                 param="max_output_tokens",
             )
         items = normalize_input(req.input, secrets.token_hex(12))
-        history = await self._history(req, principal)
+        history = await self._history(req, principal, limits.max_body_bytes)
         chat = _encode(responses_to_chat(req, items, history))
         try:
             parsed = parse("chat", chat, limits, default_model)
@@ -135,7 +135,9 @@ class ResponsesFront:
         self.request, self.items, self.principal = req, items, principal
         return parsed
 
-    async def _history(self, req: ResponsesRequest, principal: Principal) -> list[dict[str, Any]]:
+    async def _history(
+        self, req: ResponsesRequest, principal: Principal, max_bytes: int
+    ) -> list[dict[str, Any]]:
         """The items of the stored responses `req` continues, oldest first."""
         prev = req.previous_response_id
         if prev is None:
@@ -143,7 +145,7 @@ class ResponsesFront:
         if self.store is None:
             raise previous_not_found(prev)
         try:
-            chain = await self.store.chain(principal.name, prev)
+            chain = await self.store.chain(principal.name, prev, max_bytes=max_bytes)
         except ResponseMissing:
             raise previous_not_found(prev) from None
         return [item for entry in chain for item in (*entry.input, *entry.output)]

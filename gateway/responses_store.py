@@ -63,6 +63,15 @@ PART_MARGIN = 1024  # bytes of max_payload left unused by a part
 _ID = re.compile(r"[A-Za-z0-9_-]{1,200}\Z")  # one KV key token: no `.`, `*`, `>`
 
 
+def _history_too_large() -> InvalidRequest:
+    return InvalidRequest(
+        "The conversation's stored history is larger than this gateway accepts in one "
+        "request; start a new one.",
+        param="previous_response_id",
+        code="history_too_large",
+    )
+
+
 class StoredResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     owner: str
@@ -262,31 +271,51 @@ class ResponseStore:
 
     async def get(self, owner: str, response_id: str) -> StoredResponse | None:
         """The caller's response, read from the bucket; None if missing or not theirs."""
+        return (await self._get(owner, response_id, None))[0]
+
+    async def _get(
+        self, owner: str, response_id: str, budget: int | None
+    ) -> tuple[StoredResponse | None, int]:
+        """`get`, and the entry's stored size; an entry larger than `budget` is refused
+        (`history_too_large`) before its parts are read."""
         head = await self._head(response_id)
         if head is None or head.owner != owner:
-            return None
+            return None, 0
+        if budget is not None and head.size > budget:
+            raise _history_too_large()
         entry = head.entry
         if entry is None:
             cached = self._cached(response_id)
             entry = cached if cached is not None else await self._parts(response_id, head)
             if entry is None:
-                return None
+                return None, 0
         if entry.owner != owner or entry.id != response_id:
-            return None
+            return None, 0
         self._remember(entry, head.size)
-        return entry
+        return entry, head.size
 
     async def chain(
-        self, owner: str, response_id: str, max_depth: int = MAX_CHAIN
+        self,
+        owner: str,
+        response_id: str,
+        max_depth: int = MAX_CHAIN,
+        max_bytes: int | None = None,
     ) -> list[StoredResponse]:
         """The response and those it continues, oldest first; ResponseMissing naming the
         first one not found (or not the caller's). The named one is read from the bucket,
-        its ancestors from the cache when there."""
+        its ancestors from the cache when there. A history of more than `max_bytes` stored
+        bytes is refused as it is walked (400 `history_too_large`): a tiny request must
+        not make the gateway load gigabytes of history."""
         out: list[StoredResponse] = []
-        entry = await self.get(owner, response_id)
+        left = max_bytes
+        entry, size = await self._get(owner, response_id, left)
         while True:
             if entry is None:
                 raise ResponseMissing(response_id)
+            if left is not None:
+                left -= size
+                if left < 0:
+                    raise _history_too_large()
             out.append(entry)
             prev = entry.previous_response_id
             if prev is None:
@@ -300,8 +329,10 @@ class ResponseStore:
             response_id = prev
             cached = self._cached(prev)
             entry = cached if cached is not None and cached.owner == owner else None
-            if entry is None:
-                entry = await self.get(owner, prev)
+            if entry is not None:
+                size = self._cache[prev][1]
+            else:
+                entry, size = await self._get(owner, prev, left)
         out.reverse()
         return out
 

@@ -200,6 +200,22 @@ async def test_chain_is_bounded(store: ResponseStore) -> None:
     assert info.value.param == "previous_response_id"
 
 
+async def test_chain_is_bounded_in_bytes_as_it_is_walked(store: ResponseStore) -> None:
+    prev = None
+    for _ in range(4):
+        e = entry(text="x" * 10_000, previous=prev)
+        await store.put(e)
+        prev = e.id
+    assert prev is not None
+    for s in (store, fresh(store)):  # ancestors from the cache, and from the bucket
+        assert len(await s.chain("alice", prev, max_bytes=100_000)) == 4
+        with pytest.raises(InvalidRequest) as info:
+            await s.chain("alice", prev, max_bytes=25_000)
+        assert info.value.code == "history_too_large"
+        with pytest.raises(InvalidRequest):  # the named entry alone is over the budget
+            await s.chain("alice", prev, max_bytes=5_000)
+
+
 class CountingKV:
     """The store's KV, counting the reads that reach the broker."""
 
