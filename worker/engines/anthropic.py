@@ -62,15 +62,13 @@ from common.errors import (
 from common.openai_types import ChatRequest, CompletionRequest, EmbeddingRequest
 from common.telemetry import UPSTREAM_TRACEPARENT
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output
-from worker.engines.httppool import ShardedClient
 from worker.engines.openai import (
     DRAIN_AFTER_DONE_S,
-    MAX_ERROR_BODY_BYTES,
     MAX_EVENT_BYTES,
     OpenAIEngine,
     SSEParser,
+    body_of,
     upstream_error,
-    upstream_message,
 )
 from worker.engines.scrub import scrub
 from worker.settings import UPSTREAM_DEFAULTS, AnthropicSettings, OpenAISettings
@@ -80,7 +78,6 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 2.0  # when a 429/529 names no retry-after (or it is an in-stream error)
 CHAT_ONLY = "The anthropic engine serves chat only (POST /v1/chat/completions)."
 
-_body_decoder = msgspec.json.Decoder(dict[str, Any])
 _encoder = msgspec.json.Encoder()
 
 
@@ -127,21 +124,11 @@ class AnthropicEngine(OpenAIEngine):
     def _secrets(self) -> tuple[str | None, ...]:
         return (*super()._secrets, self._root)
 
-    async def start(self) -> None:
-        s = self.settings
+    def _headers(self) -> dict[str, str]:
         headers = {"Accept-Encoding": "identity", "anthropic-version": ANTHROPIC_VERSION}
-        if s.api_key:
-            headers["x-api-key"] = s.api_key
-        self._client = ShardedClient(
-            s.max_connections,
-            base_url=s.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(s.timeout_s, connect=s.connect_timeout_s),
-            # As for the openai engine: no proxy from the environment, one behaviour
-            # everywhere (a proxy in front of the API is an --upstream of its own).
-            trust_env=False,
-        )
-        await self._wait_ready()
+        if self.settings.api_key:
+            headers["x-api-key"] = self.settings.api_key
+        return headers
 
     # ---- the Engine operations --------------------------------------------------------------
 
@@ -157,7 +144,7 @@ class AnthropicEngine(OpenAIEngine):
     async def count_tokens(self, req: ChatRequest, raw: bytes) -> int:
         """The prompt's size in the upstream model's tokens (its count_tokens route)."""
         client = self._require_client()
-        body = count_tokens_body(self._request(self._chat_body(raw)))
+        body = count_tokens_body(self._request(body_of(raw)))
         with self._translate():
             resp = await client.post(
                 "/messages/count_tokens", content=_encoder.encode(body), headers=_headers()
@@ -171,47 +158,25 @@ class AnthropicEngine(OpenAIEngine):
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _require_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise ServiceUnavailable("the anthropic engine is not running")
-        return self._client.client()
-
     def _request(self, chat: dict[str, Any]) -> dict[str, Any]:
         limit = self.anthropic.default_max_tokens
         return chat_to_messages(chat, self._model, default_max_tokens=limit)
 
-    @staticmethod
-    def _chat_body(raw: bytes) -> dict[str, Any]:
-        try:
-            return _body_decoder.decode(raw)
-        except msgspec.MsgspecError as exc:
-            raise InvalidRequest("request body must be a JSON object") from exc
-
-    async def _raise_for_status(self, resp: httpx.Response) -> None:
-        if resp.is_success:
-            return
-        body = b""
-        async for part in resp.aiter_bytes():
-            body += part
-            if len(body) >= MAX_ERROR_BODY_BYTES:
-                break
-        status = resp.status_code
-        if status in (401, 403, 429) or status >= 500:  # the client sees none of the text
-            text = scrub(upstream_message(body)[0], (self.settings.api_key,))
-            log.warning("upstream %s answered HTTP %d: %s", self._url, status, text)
-        if status == 429:
-            raise RateLimited(
+    def _status_error(self, resp: httpx.Response, body: bytes) -> FleetError:
+        """429 and 529 (overloaded) are retryable, with the upstream's Retry-After."""
+        if resp.status_code == 429:
+            return RateLimited(
                 "The upstream is rate limiting this model; retry later.",
                 code="upstream_rate_limited",
                 retry_after=retry_after_of(resp),
             )
-        if status == 529:
-            raise ServiceUnavailable(
+        if resp.status_code == 529:
+            return ServiceUnavailable(
                 "The upstream is overloaded; retry later.",
                 code="upstream_overloaded",
                 retry_after=retry_after_of(resp),
             )
-        raise upstream_error(status, body, None, self._secrets)
+        return upstream_error(resp.status_code, body, None, self._secrets)
 
     def _stream_error(self, exc: MessagesStreamError) -> FleetError:
         """An in-stream `error` event as the client's error (the one seam for them)."""
@@ -233,7 +198,7 @@ class AnthropicEngine(OpenAIEngine):
 
     async def _messages(self, raw: bytes) -> AsyncGenerator[EngineEvent, None]:
         client = self._require_client()
-        chat = self._chat_body(raw)
+        chat = body_of(raw)
         body = self._request(chat)
         body["stream"] = True
         reader = EventReader(json_output=wants_json_output(chat))

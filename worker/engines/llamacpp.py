@@ -53,7 +53,7 @@ from common.protocol import ChoiceDelta, Usage
 from worker.engine import EmbedResult, EngineEvent, ModelCard, Output, estimate_tokens
 from worker.engines.gguf import GGUFError, read_metadata
 from worker.engines.limits import enforce_limit
-from worker.engines.openai import UpChunk, chunk_output, up_usage
+from worker.engines.openai import UpChunk, body_of, chunk_output, up_usage
 from worker.engines.scrub import scrub
 from worker.settings import LlamaCppSettings
 
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 _QUEUE = 256  # chunks buffered between llama.cpp's thread and the event loop
 _BUILTIN_BY_ARCH = {"gemma3": "gemma.jinja", "gemma2": "gemma.jinja", "gemma": "gemma.jinja"}
-_body_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 class _End(msgspec.Struct):
@@ -228,10 +227,7 @@ class LlamaCppEngine:
         """Exact: the messages through the model's chat template (`/apply-template` of the
         embedded server, on loopback), then its tokenizer (`/tokenize`)."""
         server = self._require()
-        try:
-            doc = _body_decoder.decode(raw)
-        except msgspec.MsgspecError as exc:
-            raise InvalidRequest("request body must be a JSON object") from exc
+        doc = body_of(raw)
         templ = {k: doc[k] for k in ("messages", "tools") if k in doc}
         auth = {"Authorization": f"Bearer {self._api_key}"}
         try:
@@ -260,10 +256,7 @@ class LlamaCppEngine:
 
     @staticmethod
     def _body(raw: bytes, limit: int | None) -> dict[str, Any]:
-        try:
-            body = _body_decoder.decode(raw)
-        except msgspec.MsgspecError as exc:
-            raise InvalidRequest("request body must be a JSON object") from exc
+        body = body_of(raw)
         body.pop("model", None)
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

@@ -298,6 +298,14 @@ def _retry_after(resp: httpx.Response) -> float | None:
         return None
 
 
+def body_of(raw: bytes) -> dict[str, Any]:
+    """A request body as a dict (the form engines rewrite it in); 400 if it is not one."""
+    try:
+        return _body_decoder.decode(raw)
+    except msgspec.MsgspecError as exc:
+        raise InvalidRequest("request body must be a JSON object") from exc
+
+
 def _root_url(base_url: str) -> str:
     """The server's root for `base_url` (`http://h:8000/v1` -> `http://h:8000`): vLLM
     serves `/tokenize` there, outside `/v1`."""
@@ -349,15 +357,19 @@ class OpenAIEngine:
         s = self.settings
         return (s.api_key, s.base_url, self._url)
 
+    def _headers(self) -> dict[str, str]:
+        """Sent with every upstream request (the key goes only here)."""
+        headers = {"Accept-Encoding": "identity"}
+        if self.settings.api_key:
+            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        return headers
+
     async def start(self) -> None:
         s = self.settings
-        headers = {"Accept-Encoding": "identity"}
-        if s.api_key:
-            headers["Authorization"] = f"Bearer {s.api_key}"
         self._client = ShardedClient(
             s.max_connections,
             base_url=s.base_url,
-            headers=headers,
+            headers=self._headers(),
             timeout=httpx.Timeout(s.timeout_s, connect=s.connect_timeout_s),
             # The upstream is an internal server: never route it through an env proxy.
             trust_env=False,
@@ -410,10 +422,7 @@ class OpenAIEngine:
         if not self._tokenize_ok:
             return estimate_tokens(req, raw)
         client = self._require_client()
-        try:
-            body = _body_decoder.decode(raw)
-        except msgspec.MsgspecError as exc:
-            raise InvalidRequest("request body must be a JSON object") from exc
+        body = body_of(raw)
         doc: dict[str, Any] = {k: body[k] for k in ("messages", "tools") if k in body}
         doc["model"] = self._model
         doc["add_generation_prompt"] = True
@@ -463,16 +472,13 @@ class OpenAIEngine:
 
     def _require_client(self) -> httpx.AsyncClient:
         if self._client is None:
-            raise ServiceUnavailable("the openai engine is not running")
+            raise ServiceUnavailable(f"the {self.card().engine} engine is not running")
         return self._client.client()
 
     def _rewrite(self, raw: bytes, *, stream: bool, limit: int | None = None) -> bytes:
         """The client's body with `model` (and, for streams, `stream*`) set for upstream,
         and `limit` as its only length field (engines/limits.py)."""
-        try:
-            body = _body_decoder.decode(raw)
-        except msgspec.MsgspecError as exc:
-            raise InvalidRequest("request body must be a JSON object") from exc
+        body = body_of(raw)
         body["model"] = self._model
         body.pop("thinking", None)  # Anthropic's (common/apis/design.md): not OpenAI's API
         enforce_limit(body, limit, keep_name=True)
@@ -520,10 +526,14 @@ class OpenAIEngine:
             if len(body) >= MAX_ERROR_BODY_BYTES:
                 break
         status = resp.status_code
-        if status in (401, 403) or status >= 500:  # the client sees only the status
+        if status in (401, 403, 429) or status >= 500:  # the operator's business
             text = scrub(upstream_message(body)[0], (self.settings.api_key,))
             log.warning("upstream %s answered HTTP %d: %s", self._url, status, text)
-        raise upstream_error(status, body, _retry_after(resp), self._secrets)
+        raise self._status_error(resp, body)
+
+    def _status_error(self, resp: httpx.Response, body: bytes) -> FleetError:
+        """The client's error for an upstream's non-2xx answer (`upstream_error`)."""
+        return upstream_error(resp.status_code, body, _retry_after(resp), self._secrets)
 
     async def _stream(
         self, path: str, raw: bytes, limit: int | None
