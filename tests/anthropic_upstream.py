@@ -74,7 +74,7 @@ import msgspec
 import uvicorn
 
 from llmfleet.broker import free_port, wait_for_port
-from tests.upstream_server import _QuietServer
+from tests.upstream_server import _QuietServer, stream_sse
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -427,6 +427,13 @@ def token_units(body: dict[str, Any]) -> list[tuple[int, bool, Any]]:
 # ---- the app ------------------------------------------------------------------------------
 
 
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"request-id", b"req_fake"),
+]
+
+
 class App:
     """The ASGI app; `stats` is live (read it directly or via GET /stats)."""
 
@@ -737,52 +744,10 @@ class App:
         )
         yield sse({"type": "message_stop"})
 
-    @contextlib.contextmanager
-    def _counted_stream(self) -> Iterator[None]:
-        self.stats.open_streams += 1
-        try:
-            yield
-        finally:
-            self.stats.open_streams -= 1
-
     async def _stream(
         self, events: AsyncGenerator[bytes, None], receive: Receive, send: Send
     ) -> None:
-        """Send `events` as an SSE body while watching for the client to disconnect."""
-        finished = False
-        aborted = False
-
-        async def produce() -> None:
-            nonlocal finished
-            headers = [
-                (b"content-type", b"text/event-stream; charset=utf-8"),
-                (b"cache-control", b"no-cache"),
-                (b"request-id", b"req_fake"),
-            ]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-            finished = True
-            watcher.cancel()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        async def watch() -> None:
-            nonlocal aborted
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    if not finished:
-                        aborted = True
-                        producer.cancel()
-                    return
-
-        with self._counted_stream():
-            async with asyncio.TaskGroup() as tg:
-                producer = tg.create_task(produce())
-                watcher = tg.create_task(watch())
-        if aborted:
-            self.stats.aborted += 1
+        await stream_sse(self.stats, events, receive, send, _SSE_HEADERS)
 
 
 def _output_tokens(kind: str, pieces: list[Any]) -> int:

@@ -104,6 +104,53 @@ def sse(obj: Any) -> bytes:
     return b"data: " + _json.encode(obj) + b"\n\n"
 
 
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+async def stream_sse(
+    stats: Any,
+    events: AsyncGenerator[bytes, None],
+    receive: Receive,
+    send: Send,
+    headers: list[tuple[bytes, bytes]] = SSE_HEADERS,
+) -> None:
+    """Send `events` as an SSE body while watching for the client to disconnect; counts
+    `stats.open_streams` while it runs and `stats.aborted` when the client left early."""
+    finished = False
+    aborted = False
+
+    async def produce() -> None:
+        nonlocal finished
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async with contextlib.aclosing(events):
+            async for event in events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        # Everything is written; a disconnect from here on is not an abort.
+        finished = True
+        watcher.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def watch() -> None:
+        nonlocal aborted
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                if not finished:
+                    aborted = True
+                    producer.cancel()
+                return
+
+    stats.open_streams += 1
+    try:
+        async with asyncio.TaskGroup() as tg:
+            producer = tg.create_task(produce())
+            watcher = tg.create_task(watch())
+    finally:
+        stats.open_streams -= 1
+    if aborted:
+        stats.aborted += 1
+
+
 class App:
     """The ASGI app; `stats` is live (read it directly or via GET /stats)."""
 
@@ -217,57 +264,10 @@ class App:
         )
         await send({"type": "http.response.body", "body": payload})
 
-    @contextlib.contextmanager
-    def _counted_stream(self) -> Iterator[None]:
-        self.stats.open_streams += 1
-        try:
-            yield
-        finally:
-            self.stats.open_streams -= 1
-
     async def _stream(
         self, events: AsyncGenerator[bytes, None], receive: Receive, send: Send
     ) -> None:
-        """Send `events` as an SSE body while watching for the client to disconnect."""
-        finished = False
-        aborted = False
-
-        async def produce() -> None:
-            nonlocal finished
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream"),
-                        (b"cache-control", b"no-cache"),
-                    ],
-                }
-            )
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-            # Everything is written; a disconnect from here on is not an abort.
-            finished = True
-            watcher.cancel()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        async def watch() -> None:
-            nonlocal aborted
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    if not finished:
-                        aborted = True
-                        producer.cancel()
-                    return
-
-        with self._counted_stream():
-            async with asyncio.TaskGroup() as tg:
-                producer = tg.create_task(produce())
-                watcher = tg.create_task(watch())
-        if aborted:
-            self.stats.aborted += 1
+        await stream_sse(self.stats, events, receive, send)
 
     # ---- generation ---------------------------------------------------------------------------
 
