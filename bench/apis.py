@@ -56,7 +56,7 @@ import httpx
 import nats.js.errors
 
 from bench.client import pct
-from bench.governance import cpu_seconds, log, stop_all
+from bench.governance import cpu_seconds, log, log_exits, stop_all
 from bench.stack import Proc, wait_http
 from common import protocol as p
 from gateway.auth import ANONYMOUS
@@ -805,10 +805,7 @@ def run_http(cfgs: list[Config], args: argparse.Namespace) -> dict[str, Any]:
             )
         )
     except BaseException:
-        for proc in procs:
-            if proc.popen.poll() is not None:
-                tail = proc.log.read_text()[-2000:]
-                log(f"{proc.name} exited ({proc.popen.returncode}); log tail:\n{tail}")
+        log_exits(procs)
         raise
     finally:
         stop_all(procs)

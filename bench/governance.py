@@ -481,6 +481,14 @@ def report(data: dict[str, Any], cfgs: list[Config], args: argparse.Namespace) -
 # ---- main -------------------------------------------------------------------------------
 
 
+def log_exits(procs: list[Proc]) -> None:
+    """After a failed run: the log tail of every process that exited."""
+    for p in procs:
+        if p.popen.poll() is not None:
+            tail = p.log.read_text()[-2000:]
+            log(f"{p.name} exited ({p.popen.returncode}); log tail:\n{tail}")
+
+
 def stop_all(procs: list[Proc], timeout: float = 20.0) -> None:
     """SIGTERM to every process at once, then wait (each drains on its own)."""
     for p in procs:
@@ -545,10 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         log("stack ready: " + ", ".join(f"{c.name} {c.url}" for c in cfgs))
         results = asyncio.run(measure(broker, f"http://127.0.0.1:{monitor_port}", cfgs, args))
     except BaseException:
-        for p in procs:
-            if p.popen.poll() is not None:
-                tail = p.log.read_text()[-2000:]
-                log(f"{p.name} exited ({p.popen.returncode}); log tail:\n{tail}")
+        log_exits(procs)
         raise
     finally:
         stop_all(procs)
