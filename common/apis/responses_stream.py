@@ -252,8 +252,9 @@ class ResponseStream:
         return frame(kind, {"type": kind, "sequence_number": seq, **fields})
 
     def start(self) -> bytes:
-        return self._event("response.created", response=self.response(False)) + self._event(
-            "response.in_progress", response=self.response(False)
+        shell = self.response(False)  # the same object in both events
+        return self._event("response.created", response=shell) + self._event(
+            "response.in_progress", response=shell
         )
 
     def delta(self, msg: p.Delta) -> bytes:

@@ -240,6 +240,27 @@ async def test_another_keys_responses_are_missing(
     assert (await a.responses.retrieve(mine.id)).output_text == mine.output_text
 
 
+async def test_hostile_ids_and_pages_are_refused(
+    a: openai.AsyncOpenAI, gws: tuple[Gateway, Gateway], keys: dict[str, str]
+) -> None:
+    """Ids that could name KV subjects (a part key, wildcards) or paths are missing; bad
+    page parameters are 400s; another key's item id is no cursor."""
+    mine = await a.responses.create(model=MODEL, input="private")
+    headers = {"authorization": f"Bearer {keys['k-a']}"}
+    base = gws[0].base_url + "/responses/"
+    async with httpx.AsyncClient(headers=headers) as http:
+        for bad in (mine.id + ".0", mine.id + ".*", "resp_>", "*", "x" * 5000, "%2e0", "é"):
+            r = await http.get(base + bad)
+            assert r.status_code == 404, (bad, r.text)
+            with pytest.raises(openai.BadRequestError):
+                await a.responses.create(model=MODEL, input="x", previous_response_id=bad)
+        for query in ("limit=0", "limit=101", "limit=1e3", "order=sideways"):
+            r = await http.get(base + mine.id + "/input_items?" + query)
+            assert r.status_code == 400, (query, r.text)
+        r = await http.get(base + mine.id)
+        assert r.status_code == 200  # the real one still reads
+
+
 async def test_max_output_tokens_is_incomplete(a: openai.AsyncOpenAI) -> None:
     r = await a.responses.create(model=MODEL, input="long", max_output_tokens=3)
     assert r.status == "incomplete" and r.incomplete_details is not None
