@@ -233,6 +233,14 @@ class ModelStatus(msgspec.Struct, omit_defaults=True):
     tokens_out: int = 0
     req_per_s: float = 0.0
     tokens_per_s: float = 0.0
+    # This worker's circuit breaker for the model (common/breaker.py): fed by its
+    # upstream's failures (5xx, 429, connection errors, broken streams) and, for engines
+    # with a health probe, by the probe. While "open" the worker takes no new requests for
+    # the model; "half_open": it takes one, the probe.
+    circuit: str = "closed"
+    circuit_failures: int = 0
+    circuit_error: str = ""
+    circuit_reopen_in_s: float = 0.0
 
 
 class WorkerAnnounce(msgspec.Struct, omit_defaults=True):
@@ -282,6 +290,7 @@ class GatewayAnnounce(msgspec.Struct, omit_defaults=True):
     client_errors: int = 0
     server_errors: int = 0
     workers: int = 0  # live workers in its catalog
+    unhealthy: list[str] = []  # models whose circuit is open at this gateway
 
 
 _gateway_announce_decoder = msgspec.json.Decoder(GatewayAnnounce)

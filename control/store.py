@@ -8,7 +8,8 @@ the entry's revision, so two admins (or two gateways) never lose each other's ch
     ├── KeyExists             `keys create` of a name that is taken
     └── KeyMissing            no such key
 
-Entries in LLMFLEET_KEYS:  k.<name> -> KeyRecord,  cfg.prices -> PriceTable
+Entries in LLMFLEET_KEYS:  k.<name> -> KeyRecord,  cfg.prices -> PriceTable,
+                           routes -> the routes file's text (control/routes.py)
 Entries in LLMFLEET_QUOTA: see control/ledger.py (`<key>.<dim>...`)
 """
 
@@ -30,6 +31,7 @@ KEYS_BUCKET = "LLMFLEET_KEYS"
 QUOTA_BUCKET = "LLMFLEET_QUOTA"
 KEY_PREFIX = "k."
 PRICES_KEY = "cfg.prices"
+ROUTES_KEY = "routes"  # the routes file's text, as pushed (control/routes.py)
 CAS_TRIES = 50
 
 
@@ -81,7 +83,30 @@ def quota_config(replicas: int = 1) -> KeyValueConfig:
 
 
 async def open_bucket(js: JetStreamContext, config: KeyValueConfig, create: bool) -> KeyValue:
-    """The bucket, created with `config` if missing and `create`; StoreUnavailable else."""
+    """The bucket, created with `config` if missing and `create`; StoreUnavailable else.
+    The admin's open of LLMFLEET_KEYS (`create`) also seals it (`_seal`)."""
+    kv = await _open_bucket(js, config, create)
+    if create and config.bucket == KEYS_BUCKET:
+        await _seal(js, "KV_" + KEYS_BUCKET)
+    return kv
+
+
+async def _seal(js: JetStreamContext, stream: str) -> None:
+    """No rollup headers on the keys bucket's stream. A `Nats-Rollup` message purges the
+    entries before it; a role that may configure some stream could republish one into
+    this bucket (the watches refuse the message itself, but the purge would already have
+    erased the admin's keys, prices and routes). Nothing here purges: deletes are markers.
+    Best effort: without the update right the bucket stays as it was."""
+    try:
+        info = await js.stream_info(stream)
+        if info.config.allow_rollup_hdrs:
+            info.config.allow_rollup_hdrs = False
+            await js.update_stream(info.config)
+    except NATS_ERRORS:
+        pass
+
+
+async def _open_bucket(js: JetStreamContext, config: KeyValueConfig, create: bool) -> KeyValue:
     try:
         return await js.key_value(config.bucket)
     except nats.js.errors.BucketNotFoundError:

@@ -38,6 +38,7 @@ from gateway.http import (
 )
 from gateway.observe import GatewayMetrics
 from gateway.request import Call
+from gateway.routing import Router
 from gateway.settings import Limits
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ _OPS = {
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
 }
+_LISTINGS = ("/v1/models", "/v1/aliases", "/v1/health")
 _MESSAGES = "/v1/messages"
 _RESPONSES = "/v1/responses"
 
@@ -70,8 +72,10 @@ class GatewayApp:
         resume_on_failure: bool = False,
         telemetry: Telemetry | None = None,
         responses: ResponseStore | None = None,
+        router: Router | None = None,
     ) -> None:
         self.telemetry = telemetry or Telemetry.off()
+        self.router = router or Router()  # aliases, fallback chains, model circuits
         self.responses = responses  # stored Responses API responses (None: not kept)
         self.metrics = GatewayMetrics(self.telemetry)
         self.cors_origins = cors_origins
@@ -144,11 +148,10 @@ class GatewayApp:
             ok = await self.ready_check()
             body = b'{"status":"ready"}' if ok else b'{"status":"not ready"}'
             await send_json(send, 200 if ok else 503, body)
-        elif path.rstrip("/") == "/v1/models":
+        elif route in _LISTINGS:
             if method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"Use GET for {path}.")
-            principal = self.governor.authenticate(scope)
-            await send_json(send, 200, self._models_body(principal))
+            await send_json(send, 200, self._listing(route, scope))
         elif path.startswith("/v1/models/"):
             if method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"Use GET for {path}.")
@@ -156,6 +159,17 @@ class GatewayApp:
             await self._model(principal, path[len("/v1/models/") :].rstrip("/"), send)
         else:
             raise NotFound(f"Unknown path {path}.")
+
+    def _listing(self, route: str, scope: Scope) -> bytes:
+        """`GET /v1/models`, `/v1/aliases` (what the caller may use), `/v1/health` (the
+        whole fleet's circuits: admin keys only)."""
+        if route == "/v1/health":
+            self.governor.auth.authenticate_admin(scope)
+            return render.json_bytes(self.router.health(self.catalog.snapshot))
+        principal = self.governor.authenticate(scope)
+        if route == "/v1/aliases":
+            return render.json_bytes(self._aliases_doc(principal))
+        return self._models_body(principal)
 
     def _front(self, route: str) -> Front | None:
         """The API an inference route speaks (one front per request: it may keep state)."""
@@ -176,6 +190,7 @@ class GatewayApp:
         return {
             **self.stats.snapshot(self.dispatcher.mux.open_streams).as_document(),
             "governance": self.governor.stats(),
+            "routes": self.router.health(self.catalog.snapshot)["routes"],
             "responses": None
             if self.responses is None
             else {"stored": self.responses.stored, "store_failures": self.responses.failed},
@@ -183,7 +198,7 @@ class GatewayApp:
                 "workers": len(snap.workers),
                 "models": {
                     m.id: {
-                        "status": m.status,
+                        "status": self.router.status(m),
                         "workers": len(m.workers),
                         "slots": m.slots,
                         "in_flight": m.in_flight,
@@ -213,8 +228,7 @@ class GatewayApp:
 
     # ---- models ----------------------------------------------------------------------
 
-    @staticmethod
-    def _model_entry(m: ModelEntry) -> dict[str, Any]:
+    def _model_entry(self, m: ModelEntry) -> dict[str, Any]:
         return {
             "id": m.id,
             "object": "model",
@@ -224,20 +238,88 @@ class GatewayApp:
             "description": m.description,
             "workers": len(m.workers),
             "max_concurrency": m.slots,
-            "status": m.status,
+            "status": self.router.status(m),
         }
 
-    def _models_body(self, principal: Principal) -> bytes:
-        """The models the caller may run (all of them, without virtual keys)."""
+    def _alias_entry(self, alias: str, hops: tuple[str, ...]) -> dict[str, Any]:
+        """An alias as a model (clients pick models from /v1/models), naming only the
+        targets the caller may run."""
+        a = self.router.routes.aliases[alias]
         snap = self.catalog.snapshot
-        entries = [self._model_entry(m) for m in snap.models.values() if principal.may_run(m.id)]
+        return {
+            "id": alias,
+            "object": "model",
+            "created": min((e.created for m in hops if (e := snap.lookup(m))), default=0),
+            "owned_by": "llmfleet",
+            "description": a.description,
+            "alias_for": list(hops),
+            "status": self.router.alias_status(hops, snap),
+        }
+
+    def _usable_aliases(
+        self, principal: Principal, served: bool = False
+    ) -> list[tuple[str, tuple[str, ...]]]:
+        """The aliases the caller may use, with the targets it may run (`served`: only
+        the targets the fleet has, as a request would be planned: /v1/models)."""
+        snap = self.catalog.snapshot
+        out = []
+        for alias in self.router.routes.aliases:
+            hops = self.router.usable_chain(principal, alias)
+            if served:
+                hops = tuple(m for m in hops if snap.lookup(m) is not None)
+            if hops:
+                out.append((alias, hops))
+        return out
+
+    def _models_body(self, principal: Principal) -> bytes:
+        """The models and aliases the caller may use (all of them, without virtual keys).
+        An alias hides a model of the same name."""
+        snap = self.catalog.snapshot
+        aliases = self._usable_aliases(principal, served=True)
+        named = set(self.router.routes.aliases)
+        entries = [
+            self._model_entry(m)
+            for m in snap.models.values()
+            if principal.may_run(m.id) and m.id not in named
+        ]
+        entries += [self._alias_entry(a, hops) for a, hops in aliases]
         return render.models_body(entries)
 
     async def _model(self, principal: Principal, model_id: str, send: Send) -> None:
+        if model_id in self.router.routes.aliases:
+            snap = self.catalog.snapshot
+            hops = tuple(m for m in self.router.usable_chain(principal, model_id) if snap.lookup(m))
+            if not hops:  # what a request for it would get
+                raise model_not_found(model_id)
+            await send_json(send, 200, render.json_bytes(self._alias_entry(model_id, hops)))
+            return
         entry = self.catalog.snapshot.lookup(model_id)
         if entry is None or not principal.may_run(model_id):
             raise model_not_found(model_id)
         await send_json(send, 200, render.json_bytes(self._model_entry(entry)))
+
+    def _aliases_doc(self, principal: Principal) -> dict[str, Any]:
+        """`GET /v1/aliases`: the aliases the caller may use, each with only the targets
+        it may run (an alias with none is not shown)."""
+        snap = self.catalog.snapshot
+        data = []
+        for alias, hops in self._usable_aliases(principal):
+            a = self.router.routes.aliases[alias]
+            data.append(
+                {
+                    "id": alias,
+                    "object": "alias",
+                    "description": a.description,
+                    "chain": list(hops),
+                    "fallback_on": list(a.fallback_on),
+                    "hop_timeout": a.hop_timeout,
+                    "status": self.router.alias_status(hops, snap),
+                }
+            )
+        default = self.router.default_model(self.default_model)
+        if default is not None and not self.router.may_use(principal, default):
+            default = None
+        return {"object": "list", "data": data, "default_model": default}
 
 
 def _with_cors(
@@ -259,7 +341,7 @@ def _with_cors(
         (b"access-control-allow-headers", allow_headers),
         (
             b"access-control-expose-headers",
-            b"x-request-id, x-llmfleet-worker, x-llmfleet-model, retry-after, "
+            b"x-request-id, x-llmfleet-worker, x-llmfleet-model, x-llmfleet-alias, retry-after, "
             b"x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
             b"x-ratelimit-reset-requests, x-ratelimit-limit-tokens, "
             b"x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens",

@@ -36,6 +36,8 @@ class ModelEntry(msgspec.Struct, frozen=True):
     ready: bool  # some worker has it loaded; else it is loading and requests queue
 
     loading: bool = False  # some worker is still starting (loading the model)
+    ready_workers: int = 0  # workers in state ready
+    open_workers: int = 0  # ready workers whose circuit for this model is open
 
     @property
     def status(self) -> str:
@@ -95,7 +97,14 @@ def with_gone(snap: CatalogSnapshot, gone: dict[str, tuple[ModelEntry, float]]) 
     models = dict(snap.models)
     for model_id, (entry, _) in gone.items():
         models[model_id] = msgspec.structs.replace(
-            entry, workers=(), slots=0, in_flight=0, ready=False, loading=False
+            entry,
+            workers=(),
+            slots=0,
+            in_flight=0,
+            ready=False,
+            loading=False,
+            ready_workers=0,
+            open_workers=0,
         )
     return CatalogSnapshot(models=dict(sorted(models.items())), workers=snap.workers)
 
@@ -108,7 +117,9 @@ def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
         a = seen.announce
         for m in a.models:
             prev = models.get(m.id)
-            slots = m.max_concurrency if a.state == "ready" else 0
+            ready = a.state == "ready"
+            slots = m.max_concurrency if ready else 0
+            is_open = ready and m.circuit == "open"
             if prev is None:
                 models[m.id] = ModelEntry(
                     id=m.id,
@@ -119,8 +130,10 @@ def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
                     created=m.created,
                     simulated=m.simulated,
                     description=m.description,
-                    ready=a.state == "ready",
+                    ready=ready,
                     loading=a.state == "starting",
+                    ready_workers=int(ready),
+                    open_workers=int(is_open),
                 )
             else:
                 models[m.id] = msgspec.structs.replace(
@@ -129,8 +142,10 @@ def build_snapshot(table: dict[str, _Seen]) -> CatalogSnapshot:
                     slots=prev.slots + slots,
                     in_flight=prev.in_flight + m.in_flight,
                     created=min(prev.created, m.created),
-                    ready=prev.ready or a.state == "ready",
+                    ready=prev.ready or ready,
                     loading=prev.loading or a.state == "starting",
+                    ready_workers=prev.ready_workers + int(ready),
+                    open_workers=prev.open_workers + int(is_open),
                 )
     return CatalogSnapshot(
         models=dict(sorted(models.items())),

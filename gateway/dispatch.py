@@ -80,6 +80,7 @@ class Submission:
         self.request_id = request_id
         self.stream_seq = seq
         self.queue_wait_s = dispatcher.settings.queue_timeout_s
+        self.redelivery_wait_s = dispatcher.settings.redelivery_wait_s
         self.traceparent: str | None = None  # passed on to continuations
         self.timeout_s: float | None = None
         self.client_bound = False  # the client's timeout, not the queue timeout, limits it
@@ -106,7 +107,9 @@ class Submission:
             except TimeoutError:
                 raise _Timeout(what) from None
             if self._rq.overflowed:
-                raise UpstreamError("The reply stream overflowed the gateway's buffer.")
+                raise UpstreamError(
+                    "The reply stream overflowed the gateway's buffer.", code="stream_overflow"
+                )
             try:
                 msg = p.decode_reply(data)
             except msgspec.DecodeError as exc:
@@ -275,7 +278,7 @@ class Submission:
         if self.ack_subject:
             await self._d.hand_back(self.ack_subject)
         try:
-            msg = await self._get_opening(self._d.settings.redelivery_wait_s, "redelivery")
+            msg = await self._get_opening(self.redelivery_wait_s, "redelivery")
         except _Timeout:
             raise ServiceUnavailable(
                 "The worker that took this request died and no other worker took it over.",
@@ -366,9 +369,10 @@ class Dispatcher:
         reply: str,
         traceparent: str | None,
         timeout_s: float | None,
+        hop_timeout_s: float | None = None,
     ) -> dict[str, str]:
         total = min(timeout_s or self.settings.request_timeout_s, self.settings.request_timeout_s)
-        wait = min(self.settings.queue_timeout_s, total)
+        wait = min(self.settings.queue_timeout_s, total, hop_timeout_s or total)
         h = {
             p.H_VERSION: p.PROTOCOL_VERSION,
             p.H_OP: parsed.op,
@@ -389,9 +393,12 @@ class Dispatcher:
         traceparent: str | None = None,
         timeout_s: float | None = None,
         trace_context: Context | None = None,
+        hop_timeout_s: float | None = None,
     ) -> Submission:
         """Publish the request. With `trace_context` (tracing on) a `queue wait` span starts
-        under it, and its traceparent (not the incoming `traceparent`) goes to the worker."""
+        under it, and its traceparent (not the incoming `traceparent`) goes to the worker.
+        `hop_timeout_s` (one hop of an alias chain) bounds the wait for a worker further,
+        on the worker's side too: a worker that gets it later drops it."""
         rq = self.mux.open()
         span: trace.Span | None = None
         body_ref: str | None = None
@@ -412,7 +419,9 @@ class Dispatcher:
             )
             traceparent = self.tel.traceparent(span)
         try:
-            headers = self._headers(parsed, request_id, rq.subject, traceparent, timeout_s)
+            headers = self._headers(
+                parsed, request_id, rq.subject, traceparent, timeout_s, hop_timeout_s
+            )
             payload = parsed.body
             size = len(payload) + header_bytes(headers)
             limit = min(self.nc.max_payload, self.max_message_bytes or self.nc.max_payload)
@@ -445,6 +454,10 @@ class Dispatcher:
         sub.body_ref = body_ref
         if timeout_s is not None and timeout_s < self.settings.queue_timeout_s:
             sub.queue_wait_s, sub.client_bound = timeout_s, True
+        if hop_timeout_s is not None:  # one hop of a chain: no wait of it outlasts the hop
+            if hop_timeout_s < sub.queue_wait_s:
+                sub.queue_wait_s, sub.client_bound = hop_timeout_s, False
+            sub.redelivery_wait_s = min(sub.redelivery_wait_s, hop_timeout_s)
         return sub
 
     async def _publish(self, subject: str, body: bytes, headers: dict[str, str]) -> int:

@@ -5,7 +5,7 @@ queue, and the audit event each request leaves (common/audit.py).
 `Governor` is built once by the composition root and used by every `Call`:
 
     authenticate(scope)         headers only, before the body      401 / 403
-    check_model(p, model, cat)  forbidden == missing               404 model_not_found
+    (which models: gateway/routing.py, `Router.plan`: forbidden == missing, 404)
     admit(p, parsed)            reserve (prompt bound + max tokens) 429 rate_limit_exceeded
                                                                     429 insufficient_quota
     enter_queue / leave_queue   per key and model, this gateway    429 key_queue_full
@@ -20,6 +20,7 @@ cannot overrun either.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -30,8 +31,7 @@ from common.errors import RateLimited, ServiceUnavailable
 from common.telemetry import Telemetry
 from control.keys import Price, cost_micros
 from control.quota import Quota, Ticket
-from gateway.auth import Authenticator, Principal, model_not_found
-from gateway.catalog import Catalog
+from gateway.auth import Authenticator, Principal
 from gateway.http import Scope
 from gateway.validate import Parsed
 
@@ -99,17 +99,15 @@ class Governor:
     def authenticate(self, scope: Scope) -> Principal:
         return self.auth.authenticate(scope)
 
-    def check_model(self, principal: Principal, model: str, catalog: Catalog) -> None:
-        """404 model_not_found, the same for a model the key may not run and one the
-        fleet does not have (checked in that order, so both take the same path)."""
-        if not principal.may_run(model) or catalog.snapshot.lookup(model) is None:
-            raise model_not_found(model)
-
     # ---- limits -------------------------------------------------------------------------
 
-    async def admit(self, principal: Principal, parsed: Parsed) -> tuple[Parsed, Ticket | None]:
+    async def admit(
+        self, principal: Principal, parsed: Parsed, models: Sequence[str] = ()
+    ) -> tuple[Parsed, Ticket | None]:
         """Reserve the request against its key's limits (nothing for unlimited keys):
-        the (maybe rewritten) request and the ticket to settle, or 429/503."""
+        the (maybe rewritten) request and the ticket to settle, or 429/503. `models` are
+        the models it may be served by (an alias's hops): the reservation is priced at
+        the dearest, so it is never short whichever serves it (`reprice` then)."""
         record = principal.record
         if record is None or not record.limited or self.quota is None:
             return parsed, None
@@ -125,7 +123,8 @@ class Governor:
                 code="limits_unavailable",
                 retry_after=5.0,
             )
-        price = self._price(parsed.model)
+        prices = [self._price(m) for m in models or (parsed.model,)]
+        price = max(prices, key=lambda pr: cost_micros(pr, len(parsed.body), most or 0))
         cost = cost_micros(price, len(parsed.body), most or 0)
 
         def cost_per(prompt: int, completion: int) -> int:
@@ -133,6 +132,17 @@ class Governor:
 
         ticket = await self.quota.admit(record, tokens, cost, cost_per)
         return parsed, ticket
+
+    def reprice(self, ticket: Ticket | None, model: str) -> None:
+        """The request is served by `model`: its usage is charged at that model's price."""
+        if ticket is None or ticket.cost_per is None:
+            return
+        price = self._price(model)
+
+        def cost_per(prompt: int, completion: int) -> int:
+            return cost_micros(price, prompt, completion)
+
+        ticket.cost_per = cost_per
 
     def settle(
         self,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import secrets
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -35,6 +37,9 @@ from common.settings import BodySettings
 from common.telemetry import Telemetry, serve_metrics
 from control.keyring import Keyring
 from control.quota import Quota
+from control.routes import MAX_BYTES as MAX_ROUTES_BYTES
+from control.routes import Routes, RoutesError, parse_routes
+from control.routes_watch import RoutesWatch
 from control.store import QUOTA_BUCKET, open_bucket, quota_config
 from gateway.app import GatewayApp
 from gateway.auth import Authenticator
@@ -45,6 +50,7 @@ from gateway.govern import Governor
 from gateway.mux import ReplyMux
 from gateway.observe import observe_gateway
 from gateway.responses_store import ResponseStore
+from gateway.routing import UNHEALTHY, Router, observe_routing
 from gateway.settings import GatewaySettings, auth_mode, parse_listen
 from gateway.stats import GatewayCounters
 
@@ -52,6 +58,18 @@ log = logging.getLogger(__name__)
 
 QUOTA_STREAM = "KV_" + QUOTA_BUCKET
 KEYS_WAIT_S = 10.0  # --auth keys: the longest a start waits to read the keys
+
+
+def read_routes_file(path: str) -> tuple[Routes, str]:
+    """The routes in `path` and a version naming them (`sha256:` of the text);
+    RoutesError when it cannot be read or is not valid."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_ROUTES_BYTES + 1)
+    except OSError as exc:
+        raise RoutesError(path, f"cannot read it: {exc.strerror or exc}") from exc
+    routes = parse_routes(text, path)
+    return routes, "sha256:" + hashlib.sha256(text).hexdigest()[:12]
 
 
 class _Server(uvicorn.Server):
@@ -107,6 +125,46 @@ class Gateway:
         self.clock: BrokerClock | None = None
         self.audit: AuditWriter | None = None
         self.responses: ResponseStore | None = None
+        self.router = Router(source="none", settings=settings.breaker)
+        self.routes_watch: RoutesWatch | None = None
+        self._reload_wanted = asyncio.Event()
+        if settings.routes == "kv":
+            self.router.source = "kv"
+            self.routes_watch = RoutesWatch(self.router.replace, self.router.reject)
+        elif settings.routes:
+            self.router.source = f"file {settings.routes}"
+            self.router.replace(*read_routes_file(settings.routes))  # RoutesError: no start
+
+    def request_reload(self) -> None:
+        """SIGHUP: the reload runs in `_reloads`' task (the file is read and parsed in a
+        thread, never in the signal callback or on the event loop)."""
+        self._reload_wanted.set()
+
+    async def _reloads(self) -> None:
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            await self.reload_routes()
+
+    async def reload_routes(self) -> None:
+        """Read the routes file again; a bad one is refused (logged, counted) and the last
+        good routes stay. With `--routes kv` the watch reads the entry again."""
+        path = self.settings.routes
+        if self.routes_watch is not None:
+            self.routes_watch.restart()
+        elif path:
+            try:
+                routes, version = await asyncio.to_thread(read_routes_file, path)
+            except RoutesError as exc:
+                self.router.reject(str(exc))
+                return
+            except Exception as exc:  # a parser bug: refused like a bad file, never fatal
+                log.exception("reading %s failed", path)
+                self.router.reject(f"{path}: unreadable ({type(exc).__name__})")
+                return
+            self.router.replace(routes, version)
+        else:
+            log.info("SIGHUP: no --routes to reload")
 
     def announcement(self, catalog: Catalog, state: str) -> p.GatewayAnnounce:
         """This gateway for operators: `llmfleet.gwhb.<gateway>` (see common/protocol.py)."""
@@ -125,6 +183,9 @@ class Gateway:
             client_errors=st.client_errors,
             server_errors=st.server_errors,
             workers=len(catalog.snapshot.workers),
+            unhealthy=[
+                m.id for m in catalog.snapshot.models.values() if self.router.status(m) == UNHEALTHY
+            ],
         )
 
     async def _announce(self, nc: Any, catalog: Catalog, state: str = "ready") -> None:
@@ -155,6 +216,8 @@ class Gateway:
             catalog.post_connection(True)
             if self.keyring is not None:
                 self.keyring.restart()  # the watch may have missed changes meanwhile
+            if self.routes_watch is not None:
+                self.routes_watch.restart()
             await nc.publish(names.DISCOVER_SUBJECT, b"")
             await ensure_stream(jetstream(nc), s.queue, update=True)
             await ensure_buckets(jetstream(nc), s.producer_buckets, self._body_settings())
@@ -229,6 +292,13 @@ class Gateway:
             tasks.append(tg.create_task(self.quota.run()))
         if self.clock is not None:
             tasks.append(tg.create_task(self.clock.run()))
+        if self.routes_watch is not None:
+            tasks.append(tg.create_task(self.routes_watch.run(js)))
+            try:  # serve without aliases rather than not at all; the watch goes on
+                async with asyncio.timeout(KEYS_WAIT_S):
+                    await self.routes_watch.ready.wait()
+            except TimeoutError:
+                log.warning("--routes kv: the routes entry could not be read yet")
         if self.keyring is not None:
             tasks.append(tg.create_task(self.keyring.run(js, create=False)))
             try:
@@ -340,7 +410,9 @@ class Gateway:
             resume_on_failure=s.resume_on_failure,
             telemetry=self.telemetry,
             responses=self.responses,
+            router=self.router,
         )
+        observe_routing(self.telemetry, self.router, lambda: catalog.snapshot)
         observe_gateway(
             self.telemetry,
             stats=lambda: self.counters.snapshot(mux.open_streams),
@@ -400,14 +472,24 @@ class Gateway:
         disc = await nc.subscribe(
             names.DISCOVER_SUBJECT, cb=on_discover, pending_msgs_limit=CONTROL_PENDING
         )
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            hup = True
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            hup = False
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(self._announce_every(nc, catalog))
+            reloads = tg.create_task(self._reloads())
             if ready is not None:
                 ready.set_result(None)
             stop = tg.create_task(self._stop.wait())
             await asyncio.wait({stop, srv_task}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
             beats.cancel()
+            reloads.cancel()
+        if hup:
+            loop.remove_signal_handler(signal.SIGHUP)
         await disc.unsubscribe()
         await self._announce(nc, catalog, "draining")  # open streams may finish
         server.should_exit = True

@@ -5,8 +5,11 @@ Plain msgspec Structs, importable without the gateway's dependencies.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
+from common.breaker import BreakerSettings
 from common.settings import QueueSettings
 
 
@@ -67,6 +70,10 @@ class GatewaySettings(msgspec.Struct, frozen=True):
     # worker), as a fraction of --max-queue; 0: no per-key cap.
     key_queue_share: float = 0.5
     default_model: str | None = None  # for requests that name no model
+    # Aliases and fallback chains (control/routes.py): a YAML file (reloaded on SIGHUP),
+    # "kv" (the entry `llmfleet routes push` stores, watched), or None: no aliases.
+    routes: str | None = None
+    breaker: BreakerSettings = BreakerSettings()  # the circuit per model at this gateway
     limits: Limits = Limits()
     dispatch: DispatchSettings = DispatchSettings()
     edge: EdgeSettings = EdgeSettings()
@@ -106,6 +113,7 @@ def check_gateway(settings: GatewaySettings) -> None:
         raise ValueError("--auth keys replaces --api-key: give one of them")
     if not 0 <= settings.key_queue_share <= 1:
         raise ValueError(f"--key-queue-share must be within 0..1, not {settings.key_queue_share}")
+    check_breaker(settings.breaker)
     if settings.reserve_tokens < 1:
         raise ValueError(f"--reserve-tokens must be at least 1, not {settings.reserve_tokens}")
     if not settings.audit_retention_days > 0:
@@ -115,6 +123,17 @@ def check_gateway(settings: GatewaySettings) -> None:
     if settings.responses_max_bytes < -1 or settings.responses_max_bytes == 0:
         raise ValueError(
             f"--responses-max-bytes must be positive or -1, not {settings.responses_max_bytes}"
+        )
+
+
+def check_breaker(b: BreakerSettings) -> None:
+    """ValueError for circuit-breaker settings that cannot work (gateways and workers)."""
+    if b.threshold < 1:
+        raise ValueError(f"--breaker-failures must be at least 1, not {b.threshold}")
+    if not 0 < b.base_s <= b.max_s or not math.isfinite(b.max_s):
+        raise ValueError(
+            f"--breaker-backoff ({b.base_s}) must be positive and at most --breaker-backoff-max "
+            f"({b.max_s})"
         )
 
 

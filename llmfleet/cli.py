@@ -174,6 +174,20 @@ def cmd_audit(args: argparse.Namespace) -> None:
     _admin(args, "audit tail", auditcli.run_audit)
 
 
+def cmd_routes(args: argparse.Namespace) -> None:
+    from llmfleet import routescli  # noqa: PLC0415
+
+    if args.routes_command == "check":  # offline: no broker, no credentials
+        from control.routes import RoutesError  # noqa: PLC0415
+
+        try:
+            routescli.check(args.file)
+        except RoutesError as exc:
+            raise SystemExit(f"llmfleet routes check: {exc}") from None
+        return
+    _admin(args, f"routes {args.routes_command}", routescli.run_routes)
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from llmfleet.dev import run_dev  # noqa: PLC0415
 
@@ -191,6 +205,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "usage": cmd_usage,
     "prices": cmd_prices,
     "audit": cmd_audit,
+    "routes": cmd_routes,
 }
 
 

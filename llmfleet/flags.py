@@ -145,6 +145,20 @@ GATEWAY_FLAGS = (
         "(0: no cap)",
     ),
     Flag("--default-model", "default_model", "model for requests that name none (empty: 400)"),
+    Flag(
+        "--routes",
+        "routes",
+        "aliases and fallback chains: a YAML file (reloaded on SIGHUP), or `kv` for the "
+        "entry `llmfleet routes push` stores (docs/routing.md)",
+        metavar="FILE|kv",
+    ),
+    Flag(
+        "--breaker-failures", "breaker.threshold", "failures in a row that open a model's circuit"
+    ),
+    Flag(
+        "--breaker-backoff", "breaker.base_s", "seconds a circuit first stays open (then doubles)"
+    ),
+    Flag("--breaker-backoff-max", "breaker.max_s", "longest a circuit stays open, in seconds"),
     Flag("--gateway-id", "gateway_id", "gateway id in announcements and subjects (empty: random)"),
     Flag(
         "--cors-origins",
@@ -255,6 +269,22 @@ WORKER_FLAGS = (
         "on: requests from batch producers (straight over NATS) leave an audit event",
         choices=("on", "off"),
     ),
+    Flag(
+        "--breaker-failures",
+        "runner.breaker.threshold",
+        "upstream failures in a row (5xx, 429, no connection, a broken stream, a failed "
+        "health probe) that open a model's circuit on this worker: it pulls nothing then",
+    ),
+    Flag(
+        "--breaker-backoff",
+        "runner.breaker.base_s",
+        "seconds an opened circuit stays open before one request probes the upstream",
+    ),
+    Flag(
+        "--breaker-backoff-max",
+        "runner.breaker.max_s",
+        "the most seconds a circuit stays open (the backoff doubles per failed probe)",
+    ),
 )
 WORKER_REPLICAS = Flag(
     "--stream-replicas",
@@ -288,6 +318,17 @@ OPENAI_FLAGS = (
         "--upstream-wait",
         "engine.openai.wait_ready_s",
         "seconds to wait for the upstream to be ready",
+    ),
+    Flag(
+        "--upstream-health-interval",
+        "runner.health_interval_s",
+        "seconds between health probes of the upstream (its failures count toward "
+        "--breaker-failures; 0: no probe)",
+    ),
+    Flag(
+        "--upstream-health-path",
+        "engine.openai.health_path",
+        "the health probe's GET path below the upstream's root",
     ),
     Flag(
         "--anthropic-max-tokens",
@@ -466,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llmfleet.adminflags import admin_args  # noqa: PLC0415 - it builds on this module
 
     admin_args(sub, common)
+    _routes_args(command("routes", "aliases and fallback chains gateways route by (admin)"), common)
     return top
 
 
@@ -497,6 +539,33 @@ def _drain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("worker", help="worker id, or a unique prefix of one (see `llmfleet status`)")
     p.add_argument("--wait", action="store_true", help="follow the worker until it has left")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits at most")
+
+
+def _routes_args(p: argparse.ArgumentParser, parents: list[argparse.ArgumentParser]) -> None:
+    """`routes check FILE` (offline), `routes push FILE`, `routes show` (llmfleet/routescli.py)."""
+    from llmfleet.adminflags import _admin_conn, _positive  # noqa: PLC0415 - builds on this
+
+    actions = p.add_subparsers(dest="routes_command", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check", help="validate a routes file (offline) and show its chains", parents=parents
+    )
+    push = actions.add_parser(
+        "push", help="validate a routes file, then store it for every gateway", parents=parents
+    )
+    for q in (check, push):
+        q.add_argument("file", metavar="FILE", help="the routes file (YAML)")
+    _admin_conn(push)
+    push.add_argument(
+        "--replicas",
+        type=_positive(int),
+        default=env_default("--keys-replicas", 1, int),
+        help="replicas of the LLMFLEET_KEYS bucket, if this makes it (3 on a cluster) "
+        "[env LLMFLEET_KEYS_REPLICAS]",
+    )
+    show = actions.add_parser(
+        "show", help="print the stored routes file and its revision", parents=parents
+    )
+    _admin_conn(show)
 
 
 def models_of(args: argparse.Namespace) -> list[str]:

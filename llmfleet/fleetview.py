@@ -40,6 +40,8 @@ class ModelRow(msgspec.Struct, frozen=True):
     completed: int
     errors: int
     cancelled: int
+    circuits_open: int = 0  # workers whose circuit for the model is open
+    unhealthy_at: list[str] = []  # gateways whose circuit for the model is open
 
 
 class WorkerRow(msgspec.Struct, frozen=True):
@@ -161,13 +163,24 @@ def build_view(
             )
         )
     rows = []
+    open_at: dict[str, list[str]] = {}
+    for g in live(gateways or {}, now).values():
+        for m_id in g.announce.unhealthy:
+            open_at.setdefault(m_id, []).append(g.announce.gateway)
     for model in sorted(set(per_model) | set(depths)):
         entries = per_model.get(model, [])
         depth = depths.get(model, QueueDepth(model=model))
+        status = model_status([(a.state, m.loaded) for a, m in entries])
+        ready = [m for a, m in entries if a.state == "ready" and m.loaded]
+        circuits_open = sum(1 for m in ready if m.circuit == "open")
+        if status == "ready" and (circuits_open == len(ready) or model in open_at):
+            status = "unhealthy"  # no worker takes it, or a gateway's circuit is open
         rows.append(
             ModelRow(
                 model=model,
-                status=model_status([(a.state, m.loaded) for a, m in entries]),
+                status=status,
+                circuits_open=circuits_open,
+                unhealthy_at=sorted(open_at.get(model, [])),
                 workers=len(entries),
                 slots_used=sum(m.in_flight for _, m in entries),
                 slots_total=sum(m.max_concurrency for _, m in entries),

@@ -18,6 +18,10 @@ Test hooks, chosen by the request's `model`:
     error-500        -> 500 OpenAI error envelope
     error-midstream  -> streams 2 tokens, then `data: {"error": {...}}`, then ends
 
+Runtime control (for every model): `POST /control {"fail": 500}` makes every route but
+/stats and /control answer that status (an OpenAI error envelope) until `POST /control
+{"fail": null}`; it answers the control state. Control calls are not counted in /stats.
+
 A stream counts as aborted when the client disconnects before its last byte was sent;
 `open_streams` goes back to 0 once every stream ended either way.
 """
@@ -157,6 +161,7 @@ class App:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.stats = Stats()
+        self.fail: int | None = None  # POST /control {"fail": status}: every route fails
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -167,11 +172,23 @@ class App:
             if path == "/stats":
                 await self._send_json(send, 200, self.stats)
                 return
+            if path == "/control" and method == "POST":
+                await self._control(await self._read_body(receive), send)
+                return
             if method == "POST":  # inference requests only, not readiness probes
                 self.stats.requests += 1
                 for k, v in scope["headers"]:
                     if k == b"traceparent":
                         self.stats.traceparents = [*self.stats.traceparents[-99:], v.decode()]
+            if self.fail is not None:
+                await self._read_body_if_post(method, receive)
+                raise HttpError(
+                    self.fail,
+                    "simulated upstream failure",
+                    type="server_error",
+                    param=None,
+                    code=None,
+                )
             self._check_auth(scope)
             routes: dict[str, tuple[str, Callable[[Any, Receive, Send], Awaitable[None]]]] = {
                 "/v1/models": ("GET", self._models),
@@ -197,6 +214,20 @@ class App:
             await self._send_json(send, exc.status, exc.body)
 
     # ---- plumbing -----------------------------------------------------------------------------
+
+    async def _control(self, body: dict[str, Any], send: Send) -> None:
+        fail = body.get("fail")
+        if fail is not None and not (isinstance(fail, int) and 400 <= fail <= 599):
+            raise HttpError(
+                400, "fail: an HTTP status 400-599 or null", type="x", param="fail", code=None
+            )
+        self.fail = fail
+        await self._send_json(send, 200, {"fail": self.fail})
+
+    async def _read_body_if_post(self, method: str, receive: Receive) -> None:
+        if method == "POST":
+            with contextlib.suppress(HttpError):  # failing anyway
+                await self._read_body(receive)
 
     def _check_auth(self, scope: Scope) -> None:
         key = self.settings.api_key

@@ -1,5 +1,6 @@
 """Pure decisions of the worker: how much to pull, whether to run a delivered request,
-how to coalesce output. No I/O, no logging; tested without an event loop."""
+what a finished job tells the circuit breaker, how to coalesce output. No I/O, no
+logging; tested without an event loop."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import enum
 
 import msgspec
 
+from common.breaker import CLOSED, HALF_OPEN, OPEN
 from common.protocol import ChoiceDelta
 
 
@@ -45,21 +47,27 @@ def pull_batch(
     credits: int,
     state: RunnerState,
     max_open: int = MAX_OPEN_PULLS,
+    circuit: str = CLOSED,
 ) -> int:
     """How many more messages to ask the broker for now (0: none).
 
     `credits` are messages already asked for and not yet delivered or expired. Running
     jobs plus credits never exceed `max_concurrency`: the broker, not this worker, holds
-    every request beyond what it can run at once.
+    every request beyond what it can run at once. `circuit` is the model's circuit on this
+    worker (`common.breaker.state_at`, now): open, nothing is pulled; half-open, running
+    jobs plus credits never exceed 1 (the one request that probes the upstream).
     """
-    if state is not RunnerState.READY:
+    if state is not RunnerState.READY or circuit == OPEN:
         return 0
+    if circuit == HALF_OPEN:
+        return max(0, 1 - running - credits)
     return max(0, min(max_concurrency - running, max_open) - credits)
 
 
 class Admission(enum.Enum):
     RUN = "run"
     NAK = "nak"  # give it back at once: another worker (or this one later) takes it
+    CIRCUIT_OPEN = "circuit_open"  # the model's circuit is open here: give it back, delayed
     EXPIRED = "expired"  # its queue timeout passed while it waited: drop without running
     POISON = "poison"  # delivered too often (it kills workers?): drop with an error
 
@@ -77,17 +85,54 @@ def admit(
     queue_timeout_ms: int | None,
     queued_ms: float,
     delivered: int = 1,
+    circuit_allows: bool = True,
 ) -> Admission:
     """What to do with a delivered request (an unreadable one never gets here: the runner
     terminates it when it cannot read it). `queued_ms` is the worker's estimate of how long
-    the broker held it (`ClockOffset.queued_ms`), which never overstates the wait."""
+    the broker held it (`ClockOffset.queued_ms`), which never overstates the wait.
+    `circuit_allows`: the model's circuit would let a request through now (closed, or
+    half-open with no probe out: `common.breaker.available`); an expired request is still
+    answered (504) while it is open, since that never reaches the upstream."""
     if delivered > MAX_DELIVERIES:
         return Admission.POISON
     if state is not RunnerState.READY or running >= max_concurrency:
         return Admission.NAK
     if queue_timeout_ms is not None and queued_ms > queue_timeout_ms:
         return Admission.EXPIRED
+    if not circuit_allows:
+        return Admission.CIRCUIT_OPEN
     return Admission.RUN
+
+
+CIRCUIT_NAK_DELAY_S = 1.0
+"""A delivery refused because the model's circuit is open here goes back to the broker with
+this delay (`-NAK {"delay": ...}`): long enough that it does not bounce through this
+worker's remaining open pulls, short enough that another worker takes it soon."""
+
+
+class Verdict(enum.Enum):
+    """What one finished job tells the model's circuit breaker on this worker."""
+
+    SUCCESS = "success"  # the upstream answered (done, or its own 4xx)
+    FAILURE = "failure"  # the upstream failed (5xx, 429, no connection, a broken stream)
+    NONE = "none"  # no word about the upstream (cancelled, the request's own deadline...)
+
+
+def breaker_verdict(
+    *, ok: bool, status: int, code: str, engine_ran: bool, upstream_answered: bool
+) -> Verdict:
+    """The breaker's reading of a job's end. `engine_ran`: the engine was called (so
+    failures before it, a body that could not be fetched or decoded, say nothing of the
+    upstream); `upstream_answered`: the error is the upstream's own answer (an
+    `EngineError`, its 4xx passed through). Cancellations (`cancelled`) and the request's
+    own deadline (`deadline_exceeded`) are no verdict: the client left or asked too much."""
+    if ok:
+        return Verdict.SUCCESS
+    if code in ("cancelled", "deadline_exceeded") or not engine_ran:
+        return Verdict.NONE
+    if status == 429 or status >= 500:
+        return Verdict.FAILURE
+    return Verdict.SUCCESS if upstream_answered else Verdict.NONE
 
 
 class ClockOffset:

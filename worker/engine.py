@@ -6,12 +6,17 @@ vectors at once; `count_tokens` sizes a chat prompt without generating. Engines 
 `common.errors.FleetError` subclasses for anything the client should see (bad
 parameters, upstream failures); anything else becomes a 500.
 Cancellation (task cancel) must stop generation promptly and release resources.
+
+An engine with an upstream of its own (openai, anthropic) may also implement `health`
+(`HealthProbe`): its model's runner then calls it every `--upstream-health-interval` and
+counts a failure like a failed request's, so a dead upstream opens the circuit before a
+request fails on it. Engines without it (sim, llamacpp, embeddings) have no probe.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -43,6 +48,9 @@ class ModelCard(msgspec.Struct, frozen=True):
 
 
 class Engine(Protocol):
+    """What every engine implements; `health` (`HealthProbe`) is optional: an engine
+    without it has no probe (`health_probe` returns None)."""
+
     def card(self) -> ModelCard: ...
 
     async def start(self) -> None:
@@ -61,6 +69,23 @@ class Engine(Protocol):
         """The chat prompt's size in the model's tokens (the `count_tokens` op): by its
         tokenizer where the engine has one, else `estimate_tokens`."""
         ...
+
+
+@runtime_checkable
+class HealthProbe(Protocol):
+    """The optional part of `Engine`: a check of the upstream without a request."""
+
+    async def health(self) -> str | None:
+        """None when the upstream answers; else why not, in a short text fit for an
+        announcement (never a key or a URL with credentials). Bounded in time by the
+        engine; called only between `start` and `aclose`, one call at a time."""
+        ...
+
+
+def health_probe(engine: Engine) -> Callable[[], Awaitable[str | None]] | None:
+    """The engine's `health` if it has one, else None (no probe: requests alone feed the
+    circuit breaker)."""
+    return engine.health if isinstance(engine, HealthProbe) else None
 
 
 def estimate_tokens(req: ChatRequest, raw: bytes) -> int:

@@ -22,6 +22,7 @@ from common import protocol as p
 from common.bodies import BodyReader
 from common.bus import Publisher
 from common.errors import (
+    EngineError,
     FleetError,
     GatewayTimeout,
     InternalError,
@@ -37,7 +38,7 @@ from common.openai_types import (
     prompt_texts,
 )
 from common.telemetry import UPSTREAM_TRACEPARENT
-from worker.decide import coalesce
+from worker.decide import Verdict, breaker_verdict, coalesce
 from worker.engine import Engine, EngineEvent, Output
 from worker.observe import JobObserver, WorkerMetrics
 
@@ -73,6 +74,10 @@ class JobResult(msgspec.Struct, frozen=True):
     error: str = ""  # its error code
     ttft_s: float | None = None
     duration_s: float = 0.0
+    # What the end says about the upstream, for the model's circuit breaker
+    # (`worker.decide.breaker_verdict`), and the error's client-safe message.
+    verdict: Verdict = Verdict.NONE
+    detail: str = ""
 
 
 class _Failed(msgspec.Struct):
@@ -329,6 +334,7 @@ class JobHandle:
         self.writer = ReplyWriter(nc, spec.reply, watch, spec.delivery)
         self.acked = False
         self.heartbeat_s = heartbeat_s
+        self.engine_started = False  # the engine was called (its failures are its own)
 
     async def ack(self) -> None:
         if not self.acked:
@@ -403,6 +409,7 @@ async def run_job(
     usage: p.Usage | None = None
     outcome, error = "failed", "internal_error"
     status = 500
+    failure: FleetError = InternalError("The worker failed while generating.")
     t0 = time.perf_counter()
     await out.accepted(spec, worker, model, handle.ack_subject)
     try:
@@ -416,6 +423,8 @@ async def run_job(
             tokens_in=usage.prompt_tokens,
             ttft_s=_since(t0, out.first_output_at),
             duration_s=time.perf_counter() - t0,
+            # A count may be an estimate made without the upstream: no word about it.
+            verdict=Verdict.NONE if spec.op == "count_tokens" else Verdict.SUCCESS,
         )
     except asyncio.CancelledError:
         log.debug("request %s cancelled", spec.request_id)
@@ -425,17 +434,25 @@ async def run_job(
         await asyncio.shield(_end_with(handle, err))
         raise
     except FleetError as exc:
-        error, status = exc.code or exc.type, exc.status
+        error, status, failure = exc.code or exc.type, exc.status, exc
         await _end_with(handle, exc)
     except TimeoutError:
         error, status = "deadline_exceeded", 504
-        await _end_with(handle, GatewayTimeout("The request's deadline passed during generation."))
+        failure = GatewayTimeout("The request's deadline passed during generation.")
+        await _end_with(handle, failure)
     except Exception:
         log.exception("request %s failed in the engine", spec.request_id)
-        await _end_with(handle, InternalError("The worker failed while generating."))
+        await _end_with(handle, failure)
     finally:
         if obs is not None:
             obs.finish(outcome, out.first_output_at, usage, error or None)
+    verdict = breaker_verdict(
+        ok=False,
+        status=status,
+        code=error,
+        engine_ran=handle.engine_started,
+        upstream_answered=isinstance(failure, EngineError),
+    )
     return JobResult(
         spec.delivery,
         ok=False,
@@ -443,6 +460,10 @@ async def run_job(
         error=error,
         ttft_s=_since(t0, out.first_output_at),
         duration_s=time.perf_counter() - t0,
+        verdict=verdict,
+        # A fixed text per kind of failure: announcements are read fleet-wide, and an
+        # upstream's message may carry one producer's request into another's view.
+        detail=f"{status} {error}",
     )
 
 
@@ -475,6 +496,7 @@ async def _generate(handle: JobHandle, engine: Engine, obs: JobObserver | None) 
             obs.engine_started()
             upstream_tp = obs.upstream_traceparent() or upstream_tp
         UPSTREAM_TRACEPARENT.set(upstream_tp)  # this job's task only
+        handle.engine_started = True
         return await _execute(spec, engine, handle)
 
 

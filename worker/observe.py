@@ -161,8 +161,10 @@ _WORKER_INSTRUMENTS: tuple[tuple[str, str, str, str, Fields], ...] = (
      (("cancelled", {_CANCEL: "cancel"}), ("listener_gone", {_CANCEL: "listener_gone"}),
       ("drain_cancelled", {_CANCEL: "drain"}))),
     ("counter", "llmfleet.worker.deliveries.refused", "{request}",
-     "Delivered requests not run: handed back (nak: draining or no slot) or expired",
-     (("naks", {"llmfleet.refusal": "nak"}), ("expired", {"llmfleet.refusal": "expired"}))),
+     "Delivered requests not run: handed back (nak: draining or no slot; circuit_open: "
+     "the model's circuit is open here) or expired",
+     (("naks", {"llmfleet.refusal": "nak"}), ("expired", {"llmfleet.refusal": "expired"}),
+      ("circuit_naks", {"llmfleet.refusal": "circuit_open"}))),
     ("counter", "llmfleet.worker.deliveries.terminated", "{message}",
      "Deliveries dropped for good (+TERM): unreadable, or with a reply subject outside the "
      "producer's reply space (never answered), or delivered too often (poison)",
@@ -179,6 +181,12 @@ _WORKER_INSTRUMENTS: tuple[tuple[str, str, str, str, Fields], ...] = (
      (("max_concurrency", {}),)),
     ("updown", "llmfleet.worker.pulls", "{request}",
      "Open pull requests (free slots asking the broker for work)", (("credits", {}),)),
+    ("gauge", "llmfleet.worker.circuit.state", "1",
+     "The model's circuit breaker on this worker: 0 closed, 1 half_open, 2 open",
+     (("circuit_state", {}),)),
+    ("counter", "llmfleet.worker.circuit.opened", "{open}",
+     "Times the model's circuit opened on this worker (or re-opened after a failed probe)",
+     (("circuit_opened", {}),)),
 )  # fmt: skip
 
 

@@ -10,10 +10,10 @@ one pull and the count of open pulls is exact. Running jobs plus open pulls neve
 a free slot takes the next one (fleet-wide FIFO per model).
 
 Events (`worker.inbox.Inbox`): the lifecycle events Delivered, PullEnded, JobFinished,
-Drain and Reconnected are never dropped; CancelJob, ListenerGone and Tick are offered, so a
-flood of them is refused (and counted) instead of crowding those out. Effects go through
-the bus (`common.bus.Bus`): `publish` only (pull requests, acks, naks, replies), so the
-accounting is unit-tested on the in-memory bus.
+Drain and Reconnected are never dropped; CancelJob, ListenerGone, Tick, ClockSample and
+HealthResult are offered, so a flood of them is refused (and counted) instead of crowding
+those out. Effects go through the bus (`common.bus.Bus`): `publish` only (pull requests,
+acks, naks, replies), so the accounting is unit-tested on the in-memory bus.
 
 Jobs are keyed by delivery (`<stream seq>.<delivery count>`), never by the producer's
 request id, so a reused id cannot exceed `max_concurrency` nor cancel someone else's job:
@@ -21,6 +21,11 @@ a cancel names the producer (from its subject, which NATS permissions bind) and 
 only that producer's jobs. One untrusted message can only fail itself: whatever handling
 a delivery or running a job raises is caught at that edge, the message is terminated and
 counted, and the runner's TaskGroup never sees it.
+
+The model's circuit breaker on this worker (`common.breaker`, one circuit, owned here) is
+fed by finished jobs (`JobResult.verdict`) and by the engine's health probe, a child task
+that posts `HealthResult`; while the circuit is open nothing is pulled, half-open one
+request (the probe) at most, and a delivery the circuit refuses is given back (delayed).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -38,20 +44,23 @@ from common import names
 from common.audit import AuditEvent, AuditWriter
 from common.audit import now as audit_now
 from common.bodies import BodyReader
+from common.breaker import CLOSED, OPEN, STATES, Breakers, Circuit, view
 from common.bus import Bus
 from common.clock import parse_rfc3339_ns
 from common.errors import FleetError, GatewayTimeout, InvalidRequest, UpstreamError
 from common.natsconn import flush
 from worker.decide import (
+    CIRCUIT_NAK_DELAY_S,
     CLOCK_PROBE_S,
     Admission,
     ClockOffset,
     RunnerState,
+    Verdict,
     admit,
     parse_ack_subject,
     pull_batch,
 )
-from worker.engine import Engine
+from worker.engine import Engine, health_probe
 from worker.inbox import Inbox
 from worker.job import (
     BadMessage,
@@ -68,6 +77,7 @@ from worker.settings import RunnerSettings
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.5
+_CIRCUIT_NAK = b'-NAK {"delay":%d}' % int(CIRCUIT_NAK_DELAY_S * 1e9)
 
 
 class Delivered(msgspec.Struct):
@@ -115,6 +125,12 @@ class ClockSample(msgspec.Struct):
     broker_ns: int
 
 
+class HealthResult(msgspec.Struct):
+    """The engine's health probe answered: None = the upstream is up, else why not."""
+
+    error: str | None
+
+
 class _BrokerTime(msgspec.Struct):
     ts: str = ""
 
@@ -131,6 +147,7 @@ Event = (
     | Reconnected
     | ListenerGone
     | ClockSample
+    | HealthResult
 )
 
 
@@ -153,6 +170,14 @@ class RunnerStats(msgspec.Struct, frozen=True):
     terminated: int = 0  # deliveries refused as unreadable or unanswerable (poison)
     job_errors: int = 0  # jobs that raised past their own error handling (a bug)
     refused_events: int = 0  # cancels/notices refused while the inbox was full
+    # the model's circuit on this worker (common/breaker.py), as of the snapshot
+    circuit: str = CLOSED
+    circuit_state: int = 0  # the same as a number (gauge): 0 closed, 1 half_open, 2 open
+    circuit_failures: int = 0  # upstream failures in a row
+    circuit_error: str = ""  # the last one (client-safe: no URL, no key)
+    circuit_reopen_in_s: float = 0.0  # while open: until one request may probe
+    circuit_opened: int = 0  # times it opened (or re-opened after a failed probe)
+    circuit_naks: int = 0  # deliveries given back because the circuit was open
 
 
 class ModelRunner:
@@ -208,19 +233,23 @@ class ModelRunner:
         self._listener_gone = 0
         self._terminated = 0
         self._job_errors = 0
+        self._breakers = Breakers(self.settings.breaker, max_keys=1)  # key: the model
+        self._probe_job: str | None = None  # the delivery that probes a half-open circuit
+        self._circuit_naks = 0
 
     # ---- called from other tasks: only enqueue ---------------------------------------------
 
     def post(self, ev: Event) -> None:
         """Queue an event: lifecycle events always, the others unless a flood fills the
         inbox (then refused and counted: a cancel or a tick lost under a flood is safe)."""
-        if isinstance(ev, (CancelJob, ListenerGone, Tick, ClockSample)):
+        if isinstance(ev, (CancelJob, ListenerGone, Tick, ClockSample, HealthResult)):
             self._inbox.offer(ev)
         else:
             self._inbox.put(ev)
 
     def stats(self) -> RunnerStats:
         credits = len(self._pulls)
+        circuit = view(self._breakers.get(self.model_id), self._now())
         return RunnerStats(
             model=self.model_id,
             state=self._state.value,
@@ -240,6 +269,13 @@ class ModelRunner:
             terminated=self._terminated,
             job_errors=self._job_errors,
             refused_events=self._inbox.refused,
+            circuit=circuit.state,
+            circuit_state=STATES.index(circuit.state),
+            circuit_failures=circuit.failures,
+            circuit_error=circuit.last_error,
+            circuit_reopen_in_s=circuit.reopen_in_s,
+            circuit_opened=self._breakers.opened,
+            circuit_naks=self._circuit_naks,
         )
 
     async def _on_msg(self, msg: Any) -> None:
@@ -273,8 +309,10 @@ class ModelRunner:
         ready.set_result(None)
         try:
             async with asyncio.TaskGroup() as tg:
-                ticker = tg.create_task(self._tick())
-                prober = tg.create_task(self._clock_probes())
+                background = [tg.create_task(self._tick()), tg.create_task(self._clock_probes())]
+                probe = health_probe(self.engine)
+                if probe is not None and self.settings.health_interval_s > 0:
+                    background.append(tg.create_task(self._health_probes(probe)))
                 self._tg = tg
                 while self._state is not RunnerState.STOPPED:
                     try:
@@ -283,8 +321,8 @@ class ModelRunner:
                         log.exception("runner %s: could not ask for work", self.model_id)
                     ev = await self._inbox.get()
                     await self._handle(ev)
-                ticker.cancel()
-                prober.cancel()
+                for task in background:
+                    task.cancel()
         finally:
             self._state = RunnerState.STOPPED
             await sub.unsubscribe()
@@ -311,8 +349,28 @@ class ModelRunner:
             if sample is not None:
                 self.post(sample)
 
+    async def _health_probes(self, probe: Callable[[], Awaitable[str | None]]) -> None:
+        """Ask the engine about its upstream every `health_interval_s`; the answer is posted
+        to the runner (the breaker changes only there)."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            try:
+                error = await probe()
+            except Exception:  # the engine's bug, not word of the upstream: no verdict
+                log.exception("runner %s: the health probe raised", self.model_id)
+                continue
+            self.post(HealthResult(error))
+
+    @staticmethod
+    def _now() -> float:
+        """The breaker's clock: `stats()` may be read from a metrics exporter's thread."""
+        return time.monotonic()
+
     async def _top_up(self) -> None:
-        n = pull_batch(self.max_concurrency, len(self._jobs), len(self._pulls), self._state)
+        circuit = self._breakers.state(self.model_id, self._now())
+        n = pull_batch(
+            self.max_concurrency, len(self._jobs), len(self._pulls), self._state, circuit=circuit
+        )
         if n <= 0 or asyncio.get_running_loop().time() < self._pull_backoff_until:
             return
         expires = self.settings.pull_expires_s
@@ -341,6 +399,10 @@ class ModelRunner:
                 self._on_tick()
             case ClockSample(mono_s=mono, local_ns=local, broker_ns=broker):
                 self._clock.observe(mono, local, broker)
+            case HealthResult(error=None):
+                self._feed_breaker(Verdict.SUCCESS, "", probe=False)
+            case HealthResult(error=str(error)):
+                self._feed_breaker(Verdict.FAILURE, error, probe=False)
             case Drain(grace_s=grace):
                 if self._state is RunnerState.READY:
                     self._state = RunnerState.DRAINING
@@ -389,7 +451,39 @@ class ModelRunner:
             self._tokens_in += res.tokens_in
         else:
             self._failed += 1
+        # The probe's verdict is the probe's only while its circuit still waits for it (a
+        # failed health probe may have re-opened the circuit meanwhile).
+        probe = res.key == self._probe_job
+        if probe:
+            self._probe_job = None
+        probe = probe and self._breakers.get(self.model_id).probing
+        self._feed_breaker(res.verdict, res.detail, probe)
         self._maybe_stopped()
+
+    def _feed_breaker(self, verdict: Verdict, error: str, probe: bool) -> None:
+        """One verdict about the upstream (a job's end, a health probe's answer)."""
+        key, now = self.model_id, self._now()
+        before = self._breakers.get(key)
+        match verdict:
+            case Verdict.SUCCESS:
+                self._breakers.success(key, probe)
+            case Verdict.FAILURE:
+                self._breakers.failure(key, now, error or "upstream failure", probe)
+            case Verdict.NONE:
+                self._breakers.abandon(key, probe)
+        self._log_circuit(before, self._breakers.get(key), now)
+
+    def _log_circuit(self, before: Circuit, after: Circuit, now: float) -> None:
+        if after.state == OPEN and (before.state != OPEN or after.trips != before.trips):
+            log.warning(
+                "runner %s: circuit open for %.1fs after %d upstream failures (last: %s)",
+                self.model_id,
+                after.reopen_at - now,
+                after.failures,
+                after.last_error,
+            )
+        elif after.state == CLOSED and before.state != CLOSED:
+            log.info("runner %s: circuit closed (the probe request succeeded)", self.model_id)
 
     def _audit_event(self, spec: JobSpec, res: JobResult) -> AuditEvent:
         """A request from a batch producer (the gateway audits its own): the principal
@@ -476,6 +570,7 @@ class ModelRunner:
                 except Exception:
                     log.warning("runner %s: could not send a rejection", self.model_id)
             return
+        now = self._now()
         decision = admit(
             state=self._state,
             running=len(self._jobs),
@@ -483,11 +578,17 @@ class ModelRunner:
             queue_timeout_ms=spec.queue_timeout_ms,
             queued_ms=queued_ms,
             delivered=info.delivered,
+            circuit_allows=self._breakers.available(self.model_id, now),
         )
         match decision:
             case Admission.NAK:
                 self._naks += 1
                 await self._nc.publish(msg.reply, b"-NAK")
+            case Admission.CIRCUIT_OPEN:
+                # Given back with a delay: a plain -NAK would come straight back into this
+                # worker's other open pulls, burning the request's deliveries (poison at 10).
+                self._circuit_naks += 1
+                await self._nc.publish(msg.reply, _CIRCUIT_NAK)
             case Admission.EXPIRED:
                 self._expired += 1
                 await self._nc.publish(msg.reply, b"+ACK")
@@ -504,6 +605,10 @@ class ModelRunner:
                     ),
                 )
             case Admission.RUN:
+                _, probe = self._breakers.try_pass(self.model_id, now)  # allowed: admit said
+                if probe:
+                    self._probe_job = spec.delivery
+                    log.info("runner %s: circuit half-open, one request probes", self.model_id)
                 cap_ms = self.settings.max_request_s * 1000.0
                 timeout_ms = cap_ms if spec.timeout_ms is None else min(spec.timeout_ms, cap_ms)
                 left_s = (timeout_ms - queued_ms) / 1000.0

@@ -22,6 +22,7 @@ from common import __version__, names
 from common import protocol as p
 from common.audit import WORKER_AUDIT_PREFIX, AuditWriter
 from common.bodies import BodyReader
+from common.breaker import CLOSED
 from common.natsconn import Throttle, close, connect, flush, jetstream
 from common.queue import ensure_consumer, ensure_stream
 from common.telemetry import Telemetry, serve_metrics
@@ -31,7 +32,7 @@ from worker.micro import start_service
 from worker.observe import WorkerMetrics, observe_worker
 from worker.rates import Rate, RateWindow, Totals
 from worker.runner import ModelRunner
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, check_worker
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Worker:
     ) -> None:
         if not models:
             raise ValueError("a worker needs at least one model")
+        check_worker(settings)
         self.settings = settings
         self.worker_id = names.check_worker_id(settings.worker_id or default_worker_id())
         self.models = models
@@ -103,6 +105,10 @@ class Worker:
                     tokens_out=st.tokens_out if st else 0,
                     req_per_s=round(rate.req_per_s, 3),
                     tokens_per_s=round(rate.tokens_per_s, 3),
+                    circuit=st.circuit if st else CLOSED,
+                    circuit_failures=st.circuit_failures if st else 0,
+                    circuit_error=st.circuit_error if st else "",
+                    circuit_reopen_in_s=st.circuit_reopen_in_s if st else 0.0,
                 )
             )
         all_stats = list(stats.values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import msgspec
 
 from common.apis.anthropic_upstream import DEFAULT_MAX_TOKENS
+from common.breaker import BreakerSettings
 from common.settings import QueueSettings
 
 
@@ -19,6 +20,12 @@ class RunnerSettings(msgspec.Struct, frozen=True):
     # The longest a request may run here, whatever its Llmfleet-Timeout says (or when it
     # sends none): a producer cannot hold a slot for good (the gateway's --request-timeout).
     max_request_s: float = 600.0
+    # Each model's circuit breaker on this worker (worker/design.md): `threshold` failures
+    # of the upstream in a row open it for `base_s`, doubling up to `max_s`.
+    breaker: BreakerSettings = BreakerSettings()
+    # How often an engine with a health probe (openai, anthropic) checks its upstream
+    # between requests (0: never); its failures count like a request's.
+    health_interval_s: float = 2.0
 
 
 class SimSettings(msgspec.Struct, frozen=True):
@@ -46,6 +53,9 @@ class OpenAISettings(msgspec.Struct, frozen=True):
     connect_timeout_s: float = 10.0
     max_connections: int = 1024
     wait_ready_s: float = 900.0
+    # The health probe's GET, below the upstream's root (the base URL without /v1), sent
+    # with the engine's auth headers every `RunnerSettings.health_interval_s`.
+    health_path: str = "/v1/models"
 
 
 UPSTREAM_DEFAULTS = {
@@ -113,3 +123,20 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     nats_ca: str | None = None
     nats_cert: str | None = None
     nats_key: str | None = None
+
+
+def check_worker(settings: WorkerSettings) -> None:
+    """ValueError naming the first setting a worker cannot run with (the CLI shows it)."""
+    b = settings.runner.breaker
+    if b.threshold < 1:
+        raise ValueError(f"--breaker-failures must be at least 1, not {b.threshold}")
+    if not b.base_s > 0:
+        raise ValueError(f"--breaker-backoff must be positive, not {b.base_s}")
+    if not b.max_s >= b.base_s:
+        raise ValueError(f"--breaker-backoff-max must be at least {b.base_s}, not {b.max_s}")
+    interval = settings.runner.health_interval_s
+    if not interval >= 0:
+        raise ValueError(f"--upstream-health-interval must be 0 (off) or more, not {interval}")
+    path = settings.engine.openai.health_path
+    if not path.startswith("/") or any(c.isspace() for c in path) or "://" in path:
+        raise ValueError(f"--upstream-health-path must be a path starting with /, not {path!r}")

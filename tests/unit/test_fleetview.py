@@ -127,3 +127,25 @@ def test_gateway_rows_drop_stopped_and_expired_gateways() -> None:
     assert gateway_rows(seen, now=108.0) == []
     view = build_view({}, {}, now=101.0, gateways=seen)
     assert [r.gateway for r in view.gateways] == ["a", "c"]
+
+
+def test_a_model_is_unhealthy_when_every_ready_worker_or_a_gateway_has_it_open() -> None:
+    import msgspec  # noqa: PLC0415
+
+    def with_circuit(a: p.WorkerAnnounce, state: str) -> p.WorkerAnnounce:
+        models = [msgspec.structs.replace(m, circuit=state) for m in a.models]
+        return msgspec.structs.replace(a, models=models)
+
+    w1 = with_circuit(_announce("w1", m=(2, 0, True)), "open")
+    w2 = _announce("w2", m=(2, 0, True))
+    one_open = {"w1": Seen(w1, 100.0), "w2": Seen(w2, 100.0)}
+    (row,) = build_view(one_open, {}, now=100.5).models
+    assert (row.status, row.circuits_open) == ("ready", 1)
+    both = {**one_open, "w2": Seen(with_circuit(w2, "open"), 100.0)}
+    (row,) = build_view(both, {}, now=100.5).models
+    assert (row.status, row.circuits_open) == ("unhealthy", 2)
+    gw = p.GatewayAnnounce(
+        gateway="g1", host="h", version="0.1.0", state="ready", ttl_s=7.0, unhealthy=["m"]
+    )
+    (row,) = build_view(one_open, {}, now=100.5, gateways={"g1": Seen(gw, 100.0)}).models
+    assert (row.status, row.unhealthy_at) == ("unhealthy", ["g1"])

@@ -19,6 +19,8 @@ upstream texts. What differs is the wire:
     ready     Messages has no unauthenticated health route: `start()` waits until
               `GET /v1/models` (sent with the key) answers below 500, as the openai engine
               waits for `/models`. A wrong key is then a 502 on each request, and logged.
+    health    the inherited probe asks `GET /v1/models` (`--upstream-health-path`) with the
+              same x-api-key and anthropic-version headers (worker.engine.HealthProbe).
 
 Errors (all `common.errors.FleetError`):
 

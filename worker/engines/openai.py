@@ -28,6 +28,11 @@ and the upstream's own text (scrubbed of the key) go to the log:
 
 The upstream API key is sent only as `Authorization: Bearer` to the upstream and never
 appears in an error message, a card or a log line.
+
+Health (`health()`, the optional `worker.engine.HealthProbe`): `GET <root>/v1/models`
+(`--upstream-health-path`) with the same headers; a connection failure, a timeout or a
+5xx is a short fixed text ("health probe: connection refused"), which the runner counts
+toward the model's circuit breaker.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
@@ -66,6 +72,8 @@ MAX_EVENT_BYTES = 16 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
 # After `[DONE]`, wait this long for the end of the body so the connection is reused.
 DRAIN_AFTER_DONE_S = 1.0
+# A health probe that takes longer than this counts as a failure ("timed out").
+HEALTH_TIMEOUT_S = 5.0
 
 
 # ---- upstream wire shapes (decoded with reused typed decoders; unknown fields ignored) ----
@@ -313,6 +321,20 @@ def _root_url(base_url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
+def _connect_failure(exc: BaseException) -> str:
+    """Why a connection failed, in a few words naming neither host nor port."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause chain: httpx -> httpcore -> OSError -> the socket's
+        if seen is None:
+            break
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, socket.gaierror):
+            return "host not found"
+        seen = seen.__cause__ or seen.__context__
+    return "cannot connect"
+
+
 def _display_url(base_url: str) -> str:
     """The base URL without any userinfo, safe for messages and the catalog."""
     try:
@@ -338,6 +360,7 @@ class OpenAIEngine:
         self._client: ShardedClient | None = None
         self._tokenize_ok = True  # until the upstream answers /tokenize with a 404
         self._tokenize_url = _root_url(settings.base_url) + "/tokenize"
+        self._health_url = _root_url(settings.base_url) + settings.health_path
         s = settings
         self._stream_timeout = httpx.Timeout(
             connect=s.connect_timeout_s, read=None, write=s.timeout_s, pool=s.timeout_s
@@ -404,6 +427,27 @@ class OpenAIEngine:
                 log.info("waiting for upstream %s (%s)", _display_url(self.settings.base_url), why)
                 next_log = now + 10.0
             await asyncio.sleep(1.0)
+
+    async def health(self) -> str | None:
+        """The health probe (`worker.engine.HealthProbe`): `GET <root><--upstream-health-
+        path>` with the auth headers. None when the upstream answers below 500 (a 401 or
+        404 shows on requests, clearly); else a short fixed text for the announcement,
+        never the URL or the key (the cause goes to the debug log, scrubbed)."""
+        if self._client is None:
+            return "health probe: the engine is not running"
+        try:
+            r = await self._client.client().get(self._health_url, timeout=HEALTH_TIMEOUT_S)
+        except httpx.TimeoutException:
+            return "health probe: timed out"
+        except httpx.ConnectError as exc:
+            log.debug("health probe of %s: %s", self._url, self._scrub(str(exc)))
+            return "health probe: " + _connect_failure(exc)
+        except httpx.HTTPError as exc:
+            log.debug("health probe of %s: %s", self._url, self._scrub(repr(exc)))
+            return f"health probe: {type(exc).__name__}"
+        if r.status_code >= 500:
+            return f"health probe: HTTP {r.status_code}"
+        return None
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
