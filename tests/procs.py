@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -113,6 +114,13 @@ class Fleet:
         for p in reversed(self.procs):
             p.stop()
         self.procs.clear()
+
+
+def write_routes(factory: Any, text: str) -> Path:
+    """A routes file (`--routes`) with `text`, in a fresh temporary folder of `factory`."""
+    path = factory.mktemp("routes") / "routes.yaml"
+    path.write_text(text)
+    return path
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,28 +42,7 @@ def test_bench_smoke_produces_numbers(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_bench_apis_smoke_produces_numbers(tmp_path: Path) -> None:
     """bench/apis.py: every API configuration answers, and each report cell has numbers."""
-    out = tmp_path / "apis.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.apis", "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert set(res["http"]) == {
-        f"{mode}, concurrency {c}" for mode in ("non-streamed", "streamed") for c in (1, 8)
-    }
-    for scenario in res["http"].values():
-        assert set(scenario["configs"]) == set("ABCDE")
-        for row in scenario["configs"].values():
-            assert row["errors"] == 0 and row["n"] > 0
-            assert math.isfinite(row["p50_ms"]) and row["p50_ms"] > 0
-            assert row["gateway_cpu_us_per_req"] > 0
-            if scenario["stream"]:
-                assert 0 < row["first_p50_ms"] <= row["p99_ms"]
+    res = _smoke("bench.apis", tmp_path, "ABCDE")
     # the stored response costs the broker a write (D) and a continuation a read (E)
     c1 = res["http"]["non-streamed, concurrency 1"]["configs"]
     assert c1["D"]["broker_msgs_per_req"] > c1["C"]["broker_msgs_per_req"]
@@ -74,9 +54,21 @@ def test_bench_apis_smoke_produces_numbers(tmp_path: Path) -> None:
 def test_bench_routing_smoke_produces_numbers(tmp_path: Path) -> None:
     """bench/routing.py: every configuration answers, served by `m` (C and D through their
     alias), `dead`'s circuit stays open at G1, and each report cell has numbers."""
-    out = tmp_path / "routing.json"
+    res = _smoke("bench.routing", tmp_path, "ABCD")
+    checks = res["checks"]
+    assert checks["problems"] == []
+    assert checks["dead_before"]["state"] == checks["dead_after"]["state"] == "open"
+    assert checks["seen"]["C"] == {"m / chat": checks["seen"]["A"]["m / -"]}
+    assert checks["fallbacks"] == checks["d_requests"] > 0
+    assert all(r["us"] > 0 for r in res["micro"])
+
+
+def _smoke(module: str, tmp_path: Path, configs: str) -> Any:
+    """`python -m <module> --smoke`: it succeeds, every scenario has every configuration,
+    each with answers and finite numbers; its JSON results."""
+    out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.routing", "--smoke", "--json", str(out)],
+        [sys.executable, "-m", module, "--smoke", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=90,
@@ -89,16 +81,11 @@ def test_bench_routing_smoke_produces_numbers(tmp_path: Path) -> None:
         f"{mode}, concurrency {c}" for mode in ("non-streamed", "streamed") for c in (1, 8)
     }
     for scenario in res["http"].values():
-        assert set(scenario["configs"]) == set("ABCD")
+        assert set(scenario["configs"]) == set(configs)
         for row in scenario["configs"].values():
             assert row["errors"] == 0 and row["n"] > 0
             assert math.isfinite(row["p50_ms"]) and row["p50_ms"] > 0
             assert row["gateway_cpu_us_per_req"] > 0
             if scenario["stream"]:
                 assert 0 < row["first_p50_ms"] <= row["p99_ms"]
-    checks = res["checks"]
-    assert checks["problems"] == []
-    assert checks["dead_before"]["state"] == checks["dead_after"]["state"] == "open"
-    assert checks["seen"]["C"] == {"m / chat": checks["seen"]["A"]["m / -"]}
-    assert checks["fallbacks"] == checks["d_requests"] > 0
-    assert all(r["us"] > 0 for r in res["micro"])
+    return res

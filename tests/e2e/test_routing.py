@@ -29,7 +29,7 @@ import pytest
 
 from tests.keyhelp import make_key
 from tests.natshelp import connected, watch_announcements
-from tests.procs import Fleet, Gateway, Proc
+from tests.procs import Fleet, Gateway, Proc, write_routes
 
 FIRST, SECOND = "r-first", "r-second"
 P_FIRST, P_SECOND = "p-first", "p-second"
@@ -61,9 +61,7 @@ def bearer(secret: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def routes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("routes") / "routes.yaml"
-    path.write_text(ROUTES)
-    return path
+    return write_routes(tmp_path_factory, ROUTES)
 
 
 @pytest.fixture(scope="module")

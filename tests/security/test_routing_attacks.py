@@ -45,7 +45,7 @@ from control.store import KEYS_BUCKET, ROUTES_KEY, keys_config, open_bucket
 from llmfleet.broker import EmbeddedNats
 from tests.keyhelp import make_key
 from tests.natshelp import connected
-from tests.procs import Fleet, Gateway, upstream_process
+from tests.procs import Fleet, Gateway, upstream_process, write_routes
 from tests.security.stack import OneNodeHub, actor
 
 QUICK = ("--sim-ttft-ms", "5", "--sim-itl-ms", "1", "--sim-tokens", "3", "--max-concurrency", "8")
@@ -88,9 +88,7 @@ async def health(g: Gateway) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def routes_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("routes") / "routes.yaml"
-    path.write_text(ROUTES)
-    return path
+    return write_routes(tmp_path_factory, ROUTES)
 
 
 @pytest.fixture(scope="module")
