@@ -69,6 +69,7 @@ class RoutesWatch:
         self.restarts = 0
         self._seen: tuple[int, bytes, str, str] | None = None  # the entry last applied
         self._refused: set[tuple[int, bytes, str, str]] = set()  # entries refused so far
+        self._forging = False  # the last entry handled was forged (later ones: counted only)
         self._holding = False  # routes from KV are in force (not empty)
         self._restart = asyncio.Event()
 
@@ -169,12 +170,19 @@ class RoutesWatch:
         finally:
             await sub.unsubscribe()
 
-    @staticmethod
-    async def _usable(msg: Any) -> bool:
+    async def _usable(self, msg: Any) -> bool:
         """Written by an admin (not republished) and a delete or a valid routes file."""
         headers = msg.headers or {}
         if "Nats-Stream" in headers:
             return False
+        seen = (
+            int(msg.metadata.sequence.stream),
+            bytes(msg.data or b""),
+            headers.get("KV-Operation", ""),
+            "",
+        )
+        if seen == self._seen or seen in self._refused:  # known from an earlier read
+            return seen == self._seen
         if headers.get("KV-Operation") in ("DEL", "PURGE"):
             return True
         try:
@@ -199,12 +207,16 @@ class RoutesWatch:
             # the server stores it; an admin's write never carries this header.
             self._refused.add(seen)
             self.forged += 1
+            if self._forging:  # a republish fires per message: one refusal per run of them
+                return
+            self._forging = True
             self.rejected += 1
             self._reject(
                 f"{source}: republished from stream {headers['Nats-Stream']!r}, "
                 "not written by an admin"
             )
             return
+        self._forging = False
         if headers.get("KV-Operation") in ("DEL", "PURGE"):
             self._seen = seen  # not the revision alone: a bucket made anew counts from 1
             self._set(Routes(), f"{version} (deleted)")

@@ -81,6 +81,7 @@ class Submission:
         self.stream_seq = seq
         self.queue_wait_s = dispatcher.settings.queue_timeout_s
         self.redelivery_wait_s = dispatcher.settings.redelivery_wait_s
+        self.withdrawn = False  # taken back out of the queue already (its wait ran out)
         self.traceparent: str | None = None  # passed on to continuations
         self.timeout_s: float | None = None
         self.client_bound = False  # the client's timeout, not the queue timeout, limits it
@@ -144,6 +145,7 @@ class Submission:
             msg = await self._get_opening(self.queue_wait_s, "queue")
         except _Timeout:
             await self._d.withdraw(self)
+            self.withdrawn = True
             try:  # a worker may have taken it while we withdrew: then serve it after all
                 late: p.Reply | None = await self._get_opening(0.0, "queue")
             except _Timeout:
@@ -541,6 +543,8 @@ class Dispatcher:
         if sub.terminal:
             return
         if sub.worker is None:
+            if sub.withdrawn:
+                return  # its queue timeout took it out already
             self.counters.withdrawn += 1
             await self.withdraw(sub)
             return

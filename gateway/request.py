@@ -29,7 +29,7 @@ from opentelemetry import trace
 
 from common import protocol as p
 from common.audit import AuditEvent
-from common.errors import FleetError, InternalError, InvalidRequest
+from common.errors import FleetError, GatewayTimeout, InternalError, InvalidRequest
 from common.logs import bind
 from common.telemetry import gen_ai_operation
 from control.quota import Ticket
@@ -50,7 +50,7 @@ from gateway.http import (
 )
 from gateway.observe import CLIENT_CLOSED, MODEL, RequestRecord
 from gateway.resume import ResumingReplies
-from gateway.routing import Plan, counts_against, for_hop, reason_of
+from gateway.routing import NORMAL, Plan, counts_against, for_hop, reason_of
 from gateway.validate import Parsed
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class Call:
         self.audited = False  # --audit-required: the event is already stored
         self.unsent: list[bytes] = []  # SSE frames not yet written (sent with the next write)
         self.plan: Plan | None = None  # the models it may be served by (gateway/routing.py)
-        self.hop: tuple[str, bool] | None = None  # (model, is its probe) awaiting a verdict
+        self.hop: tuple[str, str] | None = None  # (model, kind) awaiting its verdict
         self.sub: Submission | None = None  # the hop being answered
         self.published = False  # some hop was published (it counts as active)
         self.hop_accepted = False  # a worker accepted the hop being tried
@@ -216,7 +216,9 @@ class Call:
         if tries:  # the request's deadline (the client's, else --request-timeout) is for
             # all its hops together
             total = timeout or self.app.dispatcher.settings.request_timeout_s
-            timeout = max(0.001, total - (time.perf_counter() - self.rec.start))
+            timeout = total - (time.perf_counter() - self.rec.start)
+            if timeout <= 0:
+                raise GatewayTimeout("The request's timeout passed before its next hop.")
         self.hop_rid = rid = self.rid if not tries else f"{self.rid}-h{tries}"
         sub = await self.app.dispatcher.submit(
             parsed, rid, self.traceparent, timeout, ctx, hop_timeout_s=hop_timeout_s
@@ -258,7 +260,7 @@ class Call:
         replies: ResumingReplies | None = None
         try:
             hop, replies, first = await self._first_reply(parsed)
-            if self.hop is not None and self.hop[1]:
+            if self.hop is not None and self.hop[1] != NORMAL:
                 # The probe answered: close its circuit now, not after a stream any
                 # client could keep open for as long as it likes.
                 self._verdict(True)
@@ -302,13 +304,13 @@ class Call:
         failed: tuple[str, str, FleetError] | None = None  # (model, reason, error)
         while True:
             try:
-                i, probe = router.pick(plan, start, app.catalog.snapshot)
+                i, kind = router.pick(plan, start, app.catalog.snapshot)
             except FleetError:
                 if failed is not None:
                     raise failed[2] from None  # nothing left to try: the last hop's error
                 raise
             model = plan.hops[i]
-            self.hop = (model, probe)  # at once: a probe must always get its verdict
+            self.hop = (model, kind)  # at once: a probe must always get its verdict
             if failed is not None:
                 router.fallback(failed[0], model, failed[1])
                 log.info("request %s: %s -> %s (%s)", self.rid, failed[0], model, failed[1])
@@ -380,28 +382,29 @@ class Call:
         sub, self.sub = self.sub, None
         if sub is None:
             return
-        if not sub.terminal:
-            await self.app.dispatcher.cancel(sub)
-        await sub.close()
+        try:
+            if not sub.terminal:
+                await self.app.dispatcher.cancel(sub)
+        finally:  # the client may leave during the cancel: the stream is closed anyway
+            await sub.close()
 
     def _verdict(self, ok: bool | None, err: FleetError | None = None) -> None:
         """The hop's outcome for its model's circuit, once: True (it answered), False (it
         failed in a way that counts), None (no verdict: the client left, its deadline)."""
         if self.hop is None:
             return
-        (model, probe), self.hop = self.hop, None
+        (model, kind), self.hop = self.hop, None
         router = self.app.router
         if self.op == "count_tokens":  # free, and answered without the upstream at times
-            router.abandoned(model, probe)
+            router.abandoned(model, kind)
             return
         if ok is True:
-            direct = self.plan is not None and not self.plan.alias
-            router.succeeded(model, probe or direct)
+            router.succeeded(model, kind)
         elif ok is False:
             text = "" if err is None else f"{err.status} {err.code or err.type}: {err.message}"
-            router.failed(model, probe, text[:300])
+            router.failed(model, kind, text[:300])
         else:
-            router.abandoned(model, probe)
+            router.abandoned(model, kind)
 
     async def _stream(
         self,

@@ -39,6 +39,7 @@ from gateway.validate import Parsed
 log = logging.getLogger(__name__)
 
 READY, NOT_READY, OPEN, DOWN = "ready", "not_ready", "open", "down"
+NORMAL, PROBE, LAST = "normal", "probe", "last"  # a hop's kind, for its circuit (`pick`)
 UNHEALTHY = "unhealthy"  # the model status shown when its circuit (or its workers') is open
 
 # Errors that say the model (not the caller) failed: they count against its circuit.
@@ -73,14 +74,16 @@ def reason_of(err: FleetError, from_worker: bool) -> str | None:
     return None
 
 
-_body = msgspec.json.Decoder(dict[str, Any])
+_body = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encode = msgspec.json.Encoder().encode
 
 
 def for_hop(parsed: Parsed, model: str) -> Parsed:
-    """The request as one hop sends it: its body names the hop's model."""
+    """The request as one hop sends it: its body names the hop's model. Only `model` is
+    rewritten: every other field goes on byte for byte (validation does not read them
+    all, and a value it never read, say `1e400`, must not fail here)."""
     doc = _body.decode(parsed.body)
-    doc["model"] = model
+    doc["model"] = msgspec.Raw(_encode(model))
     return msgspec.structs.replace(parsed, model=model, body=_encode(doc))
 
 
@@ -212,9 +215,10 @@ class Router:
 
     # ---- hops ---------------------------------------------------------------------------
 
-    def pick(self, plan: Plan, start: int, snapshot: CatalogSnapshot) -> tuple[int, bool]:
-        """(index of the hop to try, whether its success closes its circuit: the
-        half-open probe, or a hop tried although its circuit is open). Hops passed over
+    def pick(self, plan: Plan, start: int, snapshot: CatalogSnapshot) -> tuple[int, str]:
+        """(index of the hop to try, its kind: NORMAL; PROBE, the half-open circuit's one
+        probe; LAST, a hop tried although its circuit is open, the last resort, whose
+        success closes the circuit but which holds no probe slot). Hops passed over
         count as fallbacks for `unavailable`. ServiceUnavailable `model_unhealthy` when
         no worker would take any hop left (every ready worker's circuit open).
 
@@ -231,15 +235,16 @@ class Router:
         for j in range(start, i):
             self.fallback(plan.hops[j], plan.hops[i], "unavailable")
         if conds[i] == OPEN:
-            probe = True  # the last resort: its success closes the circuit, like a probe's
+            kind = LAST  # its success closes the circuit; it holds no probe slot
         else:
             allowed, probe = self.breakers.try_pass(plan.hops[i], now)
             if not allowed:  # cannot happen: its condition said it was available
                 raise self._unhealthy(plan, start, now, snapshot)
+            kind = PROBE if probe else NORMAL
         if plan.alias and start == 0:
             k = (plan.alias, plan.hops[i])
             self.resolved[k] = self.resolved.get(k, 0) + 1
-        return i, probe
+        return i, kind
 
     def _unhealthy(
         self, plan: Plan, start: int, now: float, snapshot: CatalogSnapshot
@@ -267,17 +272,19 @@ class Router:
         k = (from_model, to_model, reason)
         self.fallbacks[k] = self.fallbacks.get(k, 0) + 1
 
-    def succeeded(self, model: str, probe: bool) -> None:
-        """A hop answered. The chains' probe closes its circuit; so does a request that
-        named the model directly (callers pass `probe=True` for those): it was tried
-        whatever the circuit said, and the model answered."""
-        self.breakers.success(model, probe)
+    def succeeded(self, model: str, kind: str) -> None:
+        """A hop answered: the probe's success, and a last resort's, close the circuit; a
+        normal hop's resets the run of failures (one let through before the circuit
+        opened changes nothing)."""
+        self.breakers.success(model, kind != NORMAL)
 
-    def failed(self, model: str, probe: bool, error: str) -> None:
-        self.breakers.failure(model, self.clock(), error, probe)
+    def failed(self, model: str, kind: str, error: str) -> None:
+        """Only the probe's failure doubles the backoff; others count as failures."""
+        self.breakers.failure(model, self.clock(), error, kind == PROBE)
 
-    def abandoned(self, model: str, probe: bool) -> None:
-        self.breakers.abandon(model, probe)
+    def abandoned(self, model: str, kind: str) -> None:
+        """No verdict: only the probe frees the probe slot."""
+        self.breakers.abandon(model, kind == PROBE)
 
     # ---- what operators see -------------------------------------------------------------
 

@@ -204,6 +204,22 @@ class Gateway:
         return BodySettings(replicas=self.settings.queue.replicas)
 
     async def run(self, ready: asyncio.Future[None] | None = None) -> None:
+        # SIGHUP from the start to the end: a reload asked for while starting or draining
+        # waits for the serving phase (or is dropped), it never kills the process.
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+            hup = True
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            hup = False
+        try:
+            await self._run(ready)
+        finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    async def _run(self, ready: asyncio.Future[None] | None) -> None:
         s = self.settings
         catalog = Catalog(model_grace_s=s.model_grace_s)
 
@@ -472,12 +488,6 @@ class Gateway:
         disc = await nc.subscribe(
             names.DISCOVER_SUBJECT, cb=on_discover, pending_msgs_limit=CONTROL_PENDING
         )
-        loop = asyncio.get_running_loop()
-        try:
-            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-            hup = True
-        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
-            hup = False
         async with asyncio.TaskGroup() as tg:
             beats = tg.create_task(self._announce_every(nc, catalog))
             reloads = tg.create_task(self._reloads())
@@ -488,8 +498,6 @@ class Gateway:
             stop.cancel()
             beats.cancel()
             reloads.cancel()
-        if hup:
-            loop.remove_signal_handler(signal.SIGHUP)
         await disc.unsubscribe()
         await self._announce(nc, catalog, "draining")  # open streams may finish
         server.should_exit = True

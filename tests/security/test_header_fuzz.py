@@ -187,7 +187,12 @@ def test_fuzzed_request_headers_never_hurt_the_fleet_or_a_stream(
     thread.start()
     try:
 
-        @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=300,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,  # the same 300 cases every run: the counts below are exact
+        )
         @given(
             base=st.booleans(),
             overrides=st.dictionaries(header_names, header_values, max_size=6),

@@ -24,8 +24,11 @@ from gateway.auth import ANONYMOUS, Principal, model_not_found
 from gateway.catalog import CatalogSnapshot, ModelEntry
 from gateway.routing import (
     DOWN,
+    LAST,
+    NORMAL,
     NOT_READY,
     OPEN,
+    PROBE,
     READY,
     Plan,
     Router,
@@ -210,35 +213,35 @@ def test_three_failures_open_the_model_and_chains_skip_it_at_once() -> None:
     plan = r.plan("chat", ANONYMOUS, FLEET)
     for _ in range(3):
         i, probe = r.pick(plan, 0, FLEET)
-        assert (i, probe) == (0, False)
+        assert (i, probe) == (0, NORMAL)
         r.failed("big", probe, "502 upstream_error: boom")
     assert r.breakers.state("big", clock()) == "open"
     assert r.status(FLEET.models["big"]) == "unhealthy"
-    assert r.pick(plan, 0, FLEET) == (1, False)
+    assert r.pick(plan, 0, FLEET) == (1, NORMAL)
     assert r.fallbacks[("big", "small", "unavailable")] == 1
     # a request naming the model itself is still tried (its workers may just be busy),
     # and its success would close the circuit
-    assert r.pick(r.plan("big", ANONYMOUS, FLEET), 0, FLEET) == (0, True)
+    assert r.pick(r.plan("big", ANONYMOUS, FLEET), 0, FLEET) == (0, LAST)
     # after the backoff: one probe, and only one
     clock.t += 5.0
-    assert r.pick(plan, 0, FLEET) == (0, True)
-    assert r.pick(plan, 0, FLEET) == (1, False)  # the probe is out: others skip it
-    r.succeeded("big", probe=True)
+    assert r.pick(plan, 0, FLEET) == (0, PROBE)
+    assert r.pick(plan, 0, FLEET) == (1, NORMAL)  # the probe is out: others skip it
+    r.succeeded("big", PROBE)
     assert r.breakers.state("big", clock()) == "closed"
-    assert r.pick(plan, 0, FLEET) == (0, False)
+    assert r.pick(plan, 0, FLEET) == (0, NORMAL)
 
 
 def test_a_failed_probe_doubles_the_backoff_and_an_abandoned_one_frees_the_probe() -> None:
     clock = Clock()
     r = router(clock)
     for _ in range(3):
-        r.failed("big", False, "x")
+        r.failed("big", NORMAL, "x")
     clock.t += 5.0
     plan = r.plan("chat", ANONYMOUS, FLEET)
-    assert r.pick(plan, 0, FLEET) == (0, True)
-    r.abandoned("big", True)  # the client left: no verdict
-    assert r.pick(plan, 0, FLEET) == (0, True)
-    r.failed("big", True, "still down")
+    assert r.pick(plan, 0, FLEET) == (0, PROBE)
+    r.abandoned("big", PROBE)  # the client left: no verdict
+    assert r.pick(plan, 0, FLEET) == (0, PROBE)
+    r.failed("big", PROBE, "still down")
     view = r.health(FLEET)["models"]["big"]
     assert view["state"] == "open"
     assert view["reopen_in_s"] == 10.0
@@ -250,36 +253,36 @@ def test_a_model_whose_every_ready_worker_is_open_is_unhealthy() -> None:
     fleet = snap(entry("big", workers=2, open_workers=2), entry("small"))
     r = router()
     assert r.status(fleet.models["big"]) == "unhealthy"
-    assert r.pick(r.plan("chat", ANONYMOUS, fleet), 0, fleet) == (1, False)
+    assert r.pick(r.plan("chat", ANONYMOUS, fleet), 0, fleet) == (1, NORMAL)
     half = snap(entry("big", workers=2, open_workers=1), entry("small"))
-    assert r.pick(r.plan("chat", ANONYMOUS, half), 0, half) == (0, False)
+    assert r.pick(r.plan("chat", ANONYMOUS, half), 0, half) == (0, NORMAL)
     # nobody takes a request for it: asked directly, it fails at once
     with pytest.raises(ServiceUnavailable) as err:
         r.pick(r.plan("big", ANONYMOUS, fleet), 0, fleet)
     assert err.value.code == "model_unhealthy"
     assert err.value.retry_after == 1.0
-    assert r.pick(r.plan("big", ANONYMOUS, half), 0, half) == (0, False)
+    assert r.pick(r.plan("big", ANONYMOUS, half), 0, half) == (0, NORMAL)
 
 
 def test_a_direct_success_closes_an_open_circuit() -> None:
     clock = Clock()
     r = router(clock)
     for _ in range(3):
-        r.failed("big", False, "504 queue_timeout: busy")
+        r.failed("big", NORMAL, "504 queue_timeout: busy")
     assert r.breakers.state("big", clock()) == "open"
-    r.succeeded("big", probe=True)  # what a Call reports for a direct request's success
+    r.succeeded("big", LAST)  # a hop tried past its open circuit answered
     assert r.breakers.state("big", clock()) == "closed"
     for _ in range(3):
-        r.failed("big", False, "x")
+        r.failed("big", NORMAL, "x")
     # a chain with nothing else left tries it anyway (it may only have been busy)
-    assert r.pick(Plan("chat", ("big",), frozenset({"unavailable"})), 0, FLEET) == (0, True)
+    assert r.pick(Plan("chat", ("big",), frozenset({"unavailable"})), 0, FLEET) == (0, LAST)
 
 
 def test_alias_without_unavailable_does_not_skip() -> None:
     r = router()
     fleet = snap(entry("big", ready=False), entry("small"))
     plan = r.plan("strict", ANONYMOUS, fleet)
-    assert r.pick(plan, 0, fleet) == (0, False)  # tried, though it has no ready worker
+    assert r.pick(plan, 0, fleet) == (0, NORMAL)  # tried, though it has no ready worker
 
 
 def test_health_lists_workers_circuits_from_announcements() -> None:
@@ -340,3 +343,31 @@ def test_for_hop_names_the_hop_model_in_the_body() -> None:
     hop = for_hop(parsed, "small")
     assert hop.model == "small"
     assert json.loads(hop.body) == {"model": "small", "messages": []}
+
+
+def test_a_last_resort_hop_never_frees_or_doubles_the_real_probe() -> None:
+    """Half-open with its probe out, a request tried past the circuit (LAST) that ends
+    without a verdict must not free the probe slot, and concurrent failures must not
+    double the backoff once each (hostile review)."""
+    clock = Clock()
+    r = router(clock)
+    for _ in range(3):
+        r.failed("big", NORMAL, "x")
+    clock.t += 5.0
+    alias = r.plan("chat", ANONYMOUS, FLEET)
+    assert r.pick(alias, 0, FLEET) == (0, PROBE)
+    direct = r.plan("big", ANONYMOUS, FLEET)
+    assert r.pick(direct, 0, FLEET) == (0, LAST)  # the probe is out: tried, not probing
+    r.abandoned("big", LAST)
+    assert r.pick(alias, 0, FLEET) == (1, NORMAL)  # still only one probe out
+    r.failed("big", LAST, "x")  # a failure while half-open re-opens it, once
+    assert r.breakers.get("big").trips == 2
+    r.failed("big", LAST, "x")  # and more of them while it is open change nothing
+    r.failed("big", LAST, "x")
+    assert r.breakers.get("big").trips == 2
+
+
+def test_for_hop_keeps_values_validation_never_read() -> None:
+    parsed = Parsed("chat", "chat", False, False, 1, b'{"model":"chat","metadata":{"x":1e400}}')
+    hop = for_hop(parsed, "small")
+    assert hop.body == b'{"model":"small","metadata":{"x":1e400}}'
