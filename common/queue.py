@@ -25,10 +25,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from common import names
 from common.settings import QueueSettings
+
+STREAM_NAME_IN_USE = 10058  # JetStream: the stream exists with another configuration
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,16 @@ async def ensure_stream(
     try:
         info = await js.stream_info(names.REQUEST_STREAM)
     except NotFoundError:
-        await js.add_stream(stream_config(settings))
-        log.info("created stream %s", names.REQUEST_STREAM)
-        return
+        try:
+            await js.add_stream(stream_config(settings))
+            log.info("created stream %s", names.REQUEST_STREAM)
+            return
+        except BadRequestError as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
+            # Another process (a worker starting beside this gateway) created it in
+            # between, with its own settings: read it, and update it if ours differ.
+            info = await js.stream_info(names.REQUEST_STREAM)
     cfg = info.config
     wanted = (settings.max_per_model, settings.max_bytes, [names.REQUEST_SUBJECTS])
     if (cfg.subjects or []) != wanted[2] and not update:
