@@ -55,7 +55,7 @@ from typing import Any
 import httpx
 import nats.js.errors
 
-from bench.client import pct
+from bench.client import Sizes, add_sizes, apply_sizes, pct
 from bench.governance import cpu_seconds, log, log_exits, stop_all
 from bench.stack import Proc, wait_http
 from common import protocol as p
@@ -813,32 +813,26 @@ def run_http(cfgs: list[Config], args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+SIZES: Sizes = (
+    ("--requests", 5000, 20, "measured requests per configuration and scenario"),
+    ("--batch", 40, 5, "requests per turn at concurrency 1 (twice that at 8)"),
+    ("--warmup", 50, 5, "warm-up requests per configuration, mode and concurrency"),
+    ("--micro-iters", 20000, 300, "calls per micro-benchmark run"),
+    ("--micro-repeats", 5, 3, "micro-benchmark runs per step"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--requests", type=int, default=None, help="measured requests per "
-                    "configuration and scenario (default 5000; smoke 20)")  # fmt: skip
-    ap.add_argument("--batch", type=int, default=None, help="requests per turn at concurrency 1 "
-                    "(twice that at 8; default 40, smoke 5)")  # fmt: skip
-    ap.add_argument(
-        "--warmup", type=int, default=None, help="warm-up requests (default 50; smoke 5)"
-    )
+    add_sizes(ap, SIZES)
     ap.add_argument("--configs", default="ABCDE", help="which configurations (default ABCDE; "
                     "A is always in: the baseline)")  # fmt: skip
     ap.add_argument("--only", choices=("http", "micro"), help="only the HTTP part or the "
                     "micro-benchmark")  # fmt: skip
-    ap.add_argument("--micro-iters", type=int, default=None, help="calls per micro-benchmark "
-                    "run (default 20000; smoke 300)")  # fmt: skip
-    ap.add_argument("--micro-repeats", type=int, default=None, help="runs per step (default 5)")
-    ap.add_argument("--smoke", action="store_true", help="a tiny run (< 20 s): numbers appear")
     ap.add_argument("--out", help="also write the report (markdown) to this file")
-    ap.add_argument("--json", help="also write the numbers (JSON) to this file")
     args = ap.parse_args(argv)
-    args.requests = args.requests or (20 if args.smoke else 5000)
-    args.batch = args.batch or (5 if args.smoke else 40)
-    args.warmup = args.warmup or (5 if args.smoke else 50)
-    args.micro_iters = args.micro_iters or (300 if args.smoke else 20000)
-    args.micro_repeats = args.micro_repeats or (3 if args.smoke else 5)
+    apply_sizes(args, SIZES)
     wanted = set(args.configs.upper()) | {"A"}
     cfgs = [c for c in configs() if c.name in wanted]
 

@@ -7,6 +7,7 @@ correctly.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import socket
@@ -230,3 +231,23 @@ async def overload_run(url: str, model: str, rate: float, seconds: float) -> dic
         "latency_p99_s": pct(waits, 99),
         "failures": why,  # type: ignore[dict-item]
     }
+
+
+# A side-by-side bench's sizes: (flag, default, default with --smoke, what it sizes).
+Sizes = tuple[tuple[str, int, int, str], ...]
+
+
+def add_sizes(ap: argparse.ArgumentParser, sizes: Sizes) -> None:
+    """The sizing flags, plus --smoke (a tiny run that proves the harness) and --json."""
+    for flag, full, smoke, what in sizes:
+        ap.add_argument(flag, type=int, help=f"{what} (default {full}; --smoke {smoke})")
+    ap.add_argument("--smoke", action="store_true", help="a tiny run (< 20 s): numbers appear")
+    ap.add_argument("--json", help="also write the numbers (JSON) to this file")
+
+
+def apply_sizes(args: argparse.Namespace, sizes: Sizes) -> None:
+    """Fill each sizing flag left unset with its default (the --smoke one under --smoke)."""
+    for flag, full, smoke, _ in sizes:
+        dest = flag[2:].replace("-", "_")
+        if getattr(args, dest) is None:
+            setattr(args, dest, smoke if args.smoke else full)

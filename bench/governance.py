@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 import nats
 
-from bench.client import pct
+from bench.client import Sizes, add_sizes, apply_sizes, pct
 from bench.stack import Proc, wait_http
 from control.keys import KeyRecord, Secret, hash_secret, new_secret
 from control.store import QUOTA_BUCKET, KeyStore
@@ -504,24 +504,19 @@ def stop_all(procs: list[Proc], timeout: float = 20.0) -> None:
             p.popen.wait()
 
 
+SIZES: Sizes = (
+    ("--requests", 2500, 60, "measured requests per configuration and scenario"),
+    ("--batch", 50, 10, "requests per turn at concurrency 1 (twice that at 8)"),
+    ("--warmup", 100, 16, "warm-up requests"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument(
-        "--requests",
-        type=int,
-        default=None,
-        help="measured requests per configuration and scenario (default 2500; smoke 60)",
-    )
-    ap.add_argument("--batch", type=int, default=None, help="requests per turn at concurrency 1 "
-                    "(twice that at 8; default 50, smoke 10)")  # fmt: skip
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up requests (default 100)")
-    ap.add_argument("--smoke", action="store_true", help="a tiny run (< 20 s): numbers appear")
+    add_sizes(ap, SIZES)
     ap.add_argument("--out", help="also write the report (markdown) to this file")
-    ap.add_argument("--json", help="also write the numbers (JSON) to this file")
     args = ap.parse_args(argv)
-    args.requests = args.requests or (60 if args.smoke else 2500)
-    args.batch = args.batch or (10 if args.smoke else 50)
-    args.warmup = args.warmup or (16 if args.smoke else 100)
+    apply_sizes(args, SIZES)
 
     tmp = Path(tempfile.mkdtemp(prefix="llmfleet-bench-gov-"))
     monitor_port = free_port()

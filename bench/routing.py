@@ -58,7 +58,7 @@ import nats
 
 from bench.apis import _CHAT, Cell, Config, _f, _sync, batch, machine, prepare, summary
 from bench.apis import report as apis_report
-from bench.client import pct
+from bench.client import Sizes, add_sizes, apply_sizes, pct
 from bench.governance import Counters, log, log_exits, stop_all
 from bench.stack import ROOT, Proc, Stack, wait_http
 from common import breaker
@@ -573,8 +573,7 @@ def start_fleet(
     return urls, gws
 
 
-# (flag, default, default with --smoke, what)
-NUMBERS = (
+SIZES: Sizes = (
     ("--requests", 5000, 20, "measured requests per configuration and scenario"),
     ("--batch", 40, 5, "requests per turn at concurrency 1 (twice that at 8)"),
     ("--warmup", 50, 5, "warm-up requests per configuration, mode and concurrency"),
@@ -585,19 +584,13 @@ NUMBERS = (
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    for flag, full, smoke, what in NUMBERS:
-        ap.add_argument(flag, type=int, help=f"{what} (default {full}; --smoke {smoke})")
+    add_sizes(ap, SIZES)
     ap.add_argument("--only", choices=("http", "micro"), help="only the HTTP part, or only "
                     "the micro-benchmark")  # fmt: skip
-    ap.add_argument("--smoke", action="store_true", help="a tiny run (< 20 s): numbers appear")
     ap.add_argument("--out", help=f"write the report (markdown) here (default "
                     f"{DOC.relative_to(ROOT)}; with --smoke: nowhere)")  # fmt: skip
-    ap.add_argument("--json", help="also write the numbers (JSON) to this file")
     args = ap.parse_args(argv)
-    for flag, full, smoke, _ in NUMBERS:
-        dest = flag[2:].replace("-", "_")
-        if getattr(args, dest) is None:
-            setattr(args, dest, smoke if args.smoke else full)
+    apply_sizes(args, SIZES)
     if args.out is None and not args.smoke:
         args.out = str(DOC)
     return args
