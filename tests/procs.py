@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -140,3 +141,24 @@ def upstream_process(workdir: Path, *flags: str) -> Iterator[str]:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+
+
+async def until(pred: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll the coroutine function `pred` until it returns something true (returned), for
+    at most `timeout` seconds (a stated bound: AssertionError naming `what` after it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(interval)
+
+
+async def health(gw: Gateway, key: str = "x") -> Any:
+    """`GET /v1/health` of a gateway (as `key`), which must answer 200."""
+    async with httpx.AsyncClient() as c:
+        r = await c.get(gw.base_url + "/health", headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return r.json()

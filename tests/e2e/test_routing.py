@@ -29,7 +29,7 @@ import pytest
 
 from tests.keyhelp import make_key
 from tests.natshelp import connected, watch_announcements
-from tests.procs import Fleet, Gateway, Proc, write_routes
+from tests.procs import Fleet, Gateway, Proc, health, until, write_routes
 
 FIRST, SECOND = "r-first", "r-second"
 P_FIRST, P_SECOND = "p-first", "p-second"
@@ -147,24 +147,6 @@ async def expected_text(gw: Gateway, i: int) -> str:
         a = await ask(client, i, False, SECOND)
     assert a.error is None, a.error
     return a.text
-
-
-async def health(gw: Gateway, key: str = "x") -> dict:
-    async with httpx.AsyncClient() as c:
-        r = await c.get(gw.base_url + "/health", headers=bearer(key))
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-async def until(pred, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(interval)
 
 
 async def test_killing_the_first_models_workers_falls_back_and_the_probe_brings_it_back(

@@ -45,7 +45,7 @@ from control.store import KEYS_BUCKET, ROUTES_KEY, keys_config, open_bucket
 from llmfleet.broker import EmbeddedNats
 from tests.keyhelp import make_key
 from tests.natshelp import connected
-from tests.procs import Fleet, Gateway, upstream_process, write_routes
+from tests.procs import Fleet, Gateway, health, until, upstream_process, write_routes
 from tests.security.stack import OneNodeHub, actor
 
 QUICK = ("--sim-ttft-ms", "5", "--sim-itl-ms", "1", "--sim-tokens", "3", "--max-concurrency", "8")
@@ -63,24 +63,6 @@ def bearer(secret: str = "x") -> dict[str, str]:
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
-
-
-async def until(pred: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(interval)
-
-
-async def health(g: Gateway) -> dict[str, Any]:
-    async with httpx.AsyncClient() as c:
-        r = await c.get(g.base_url + "/health", headers=bearer())
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 # ---- fixtures ---------------------------------------------------------------------------
