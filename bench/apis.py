@@ -56,7 +56,7 @@ import httpx
 import nats.js.errors
 
 from bench.client import Sizes, add_sizes, apply_sizes, pct
-from bench.governance import cpu_seconds, log, log_exits, stop_all
+from bench.governance import cpu_seconds, log, log_exits, scenario_head, stop_all
 from bench.stack import Proc, wait_http
 from common import protocol as p
 from gateway.auth import ANONYMOUS
@@ -689,14 +689,8 @@ def report(
         ]
     for scenario, res in data.items():
         rows = res["configs"]
-        noise = max(abs(r["halves_p50_ms"][0] - r["halves_p50_ms"][1]) for r in rows.values())
-        lines += [
-            f"## {scenario}",
-            "",
-            f"{res['rounds']} rounds x {res['per_round']} requests per configuration, "
-            f"{res['seconds']:.1f} s; p50 noise +-{noise:.3f} ms.",
-            "",
-        ]
+        head_lines, _ = scenario_head(scenario, res)
+        lines += head_lines
         head = "| config | n | errors "
         sep = "|---|---|---"
         if res["stream"]:

@@ -433,13 +433,9 @@ def report(data: dict[str, Any], cfgs: list[Config], args: argparse.Namespace) -
     verdict = []
     for scenario, res in data.items():
         rows = res["configs"]
-        noise = max(abs(r["halves_p50_ms"][0] - r["halves_p50_ms"][1]) for r in rows.values())
+        head, noise = scenario_head(scenario, res)
         lines += [
-            f"## {scenario}",
-            "",
-            f"{res['rounds']} rounds x {res['per_round']} requests per configuration, "
-            f"{res['seconds']:.1f} s; p50 noise +-{noise:.3f} ms.",
-            "",
+            *head,
             "| config | n | errors | p50 ms | p99 ms | added p50 | paired | added p99 "
             "| ratio p50 | ratio p99 | gateway CPU us/req | broker CPU us/req "
             "| broker msgs/req | ledger writes/req |",
@@ -509,6 +505,20 @@ SIZES: Sizes = (
     ("--batch", 50, 10, "requests per turn at concurrency 1 (twice that at 8)"),
     ("--warmup", 100, 16, "warm-up requests"),
 )
+
+
+def scenario_head(scenario: str, res: dict[str, Any]) -> tuple[list[str], float]:
+    """A scenario's report heading (its rounds, time and p50 noise), and that noise: the
+    largest gap between one configuration's p50 in even and in odd rounds."""
+    rows = res["configs"].values()
+    noise = max(abs(r["halves_p50_ms"][0] - r["halves_p50_ms"][1]) for r in rows)
+    return [
+        f"## {scenario}",
+        "",
+        f"{res['rounds']} rounds x {res['per_round']} requests per configuration, "
+        f"{res['seconds']:.1f} s; p50 noise +-{noise:.3f} ms.",
+        "",
+    ], noise
 
 
 def main(argv: list[str] | None = None) -> int:
